@@ -1,0 +1,183 @@
+"""OpenAIModel against real llama.cpp servers (llama-cpp-python), no mocks."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+
+import pytest
+
+from towline.models.base import ModelError, Sampling
+from towline.models.openai import OpenAIModel
+
+pytestmark = pytest.mark.real_models
+
+
+def chatml(question: str, answer_start: str = "") -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer_start}"
+
+
+SHORT_ANSWER = chatml("What is 2+2? Answer with one number.")
+"""SmolLM2 answers this greedily with ``The answer is 4.`` and ends its turn."""
+PLAIN = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smol(smol_url):
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_url):
+    with OpenAIModel("gemma", base_urls=[gemma_url], timeout=60) as model:
+        yield model
+
+
+def texts_and_logprobs(steps):
+    return [(s.token.text, round(s.token.logprob, 4)) for s in steps]
+
+
+def test_greedy_completion_is_coherent_and_deterministic(smol):
+    prompts = [chatml("What is the capital of France?")] * 2
+    first = smol.complete(prompts, max_tokens=8)
+    again = smol.complete(prompts[:1], max_tokens=8)
+    assert "Paris" in first[0].text
+    assert first[0].text == first[1].text == again[0].text
+    assert texts_and_logprobs(first[0].steps) == texts_and_logprobs(again[0].steps)
+
+
+def test_steps_hold_sorted_top_k_and_top1_prob(smol):
+    (completion,) = smol.complete([PLAIN], max_tokens=5, top_logprobs=4)
+    assert completion.finish_reason == "length"
+    assert len(completion.steps) == 5
+    assert "".join(s.token.text for s in completion.steps) == completion.text
+    for step in completion.steps:
+        assert len(step.top) == 4
+        assert [t.logprob for t in step.top] == sorted((t.logprob for t in step.top), reverse=True)
+        assert step.top[0].text == step.token.text  # greedy takes the best token
+        assert 0 < step.top1_prob <= 1
+
+
+def test_model_ending_its_turn_is_end_without_an_empty_step(smol):
+    for stop in ((), ("\n\n",)):
+        (completion,) = smol.complete([SHORT_ANSWER], max_tokens=30, stop=stop)
+        assert completion.text == "The answer is 4."
+        assert completion.finish_reason == "end" and completion.ended
+        assert [s.token.text for s in completion.steps] == ["The", " answer", " is", " ", "4", "."]
+
+
+def test_stop_string_and_length(smol):
+    (stopped,) = smol.complete([SHORT_ANSWER], max_tokens=30, stop=["4"])
+    assert stopped.text == "The answer is "
+    assert stopped.finish_reason == "stop"
+    assert "".join(s.token.text for s in stopped.steps) == stopped.text
+    (cut,) = smol.complete([SHORT_ANSWER], max_tokens=3)
+    assert (cut.text, cut.finish_reason, len(cut.steps)) == ("The answer is", "length", 3)
+    assert smol.complete([SHORT_ANSWER], max_tokens=0)[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("prompt, max_tokens", [(SHORT_ANSWER, 30), (PLAIN, 6)])
+def test_stream_yields_the_steps_of_complete(smol, prompt, max_tokens):
+    (completion,) = smol.complete([prompt], max_tokens=max_tokens, top_logprobs=3)
+    streamed = list(smol.stream(prompt, max_tokens=max_tokens, top_logprobs=3))
+    assert texts_and_logprobs(streamed) == texts_and_logprobs(completion.steps)
+    assert [s.top for s in streamed] == [s.top for s in completion.steps]
+
+
+def test_seeded_sampling_is_repeatable_and_rows_differ(smol):
+    sampling = Sampling(temperature=1.0, seed=7)
+    first = smol.complete([PLAIN] * 3, max_tokens=4, sampling=sampling)
+    again = smol.complete([PLAIN] * 3, max_tokens=4, sampling=sampling)
+    assert [c.text for c in first] == [c.text for c in again]
+    assert len({c.text for c in first}) > 1
+
+
+def test_requests_go_round_robin_over_the_urls(smol_url, gemma_url):
+    """Two servers with different models: each answer shows which server made it."""
+    with OpenAIModel("m", base_urls=[smol_url], timeout=60) as one:
+        smol_text = one.complete([PLAIN], max_tokens=2)[0].text
+    with OpenAIModel("m", base_urls=[gemma_url], timeout=60) as one:
+        gemma_text = one.complete([PLAIN], max_tokens=2)[0].text
+    assert smol_text != gemma_text
+    with OpenAIModel("m", base_urls=[smol_url, gemma_url], timeout=60) as both:
+        texts = [c.text for c in both.complete([PLAIN] * 4, max_tokens=2)]
+        later = both.complete([PLAIN], max_tokens=2)[0].text
+    assert texts == [smol_text, gemma_text, smol_text, gemma_text]
+    assert later == smol_text
+
+
+def test_server_down_is_a_quick_clear_error():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}/v1"  # nothing listens there
+    with OpenAIModel("m", base_urls=[url], max_retries=1, timeout=3) as model:
+        start = time.monotonic()
+        with pytest.raises(ModelError, match=r"cannot reach .*127\.0\.0\.1.*is the server running"):
+            model.complete(["Hi"], max_tokens=1)
+        assert time.monotonic() - start < 5
+        with pytest.raises(ModelError, match=url):
+            model.count_tokens("Hi")
+
+
+def test_server_errors_name_the_url_and_say_why(smol, smol_url):
+    with pytest.raises(ModelError, match=rf"{smol_url}.*HTTP 400.*maximum context length"):
+        smol.complete(["hello " * 3000], max_tokens=1)
+
+
+def test_decode_state_next_append_reorder(smol):
+    prompts = [PLAIN, SHORT_ANSWER]
+    greedy = smol.complete(prompts, max_tokens=2)
+    state = smol.open(prompts)
+    first = state.next(top_logprobs=3)
+    assert [len(d.top) for d in first] == [3, 3] and all(d.full is None for d in first)
+    assert [d.top[0].text for d in first] == [c.steps[0].token.text for c in greedy]
+    assert math.isclose(first[0].top[0].logprob, greedy[0].steps[0].token.logprob, abs_tol=1e-4)
+
+    state.append([d.top[0] for d in first])
+    assert state.texts == [c.steps[0].token.text for c in greedy]
+    second = state.next(top_logprobs=3)
+    assert [d.top[0].text for d in second] == [c.steps[1].token.text for c in greedy]
+
+    state.reorder([1, 1, 0])
+    assert state.texts == [greedy[1].steps[0].token.text] * 2 + [greedy[0].steps[0].token.text]
+    assert [d.top[0].text for d in state.next(top_logprobs=3)] == [second[1].top[0].text] * 2 + [second[0].top[0].text]
+
+
+def test_next_reports_the_end_of_text_token(smol):
+    """llama.cpp returns no log-probs when the next token ends the text; ``next`` still gets
+    the distribution, with the end-of-turn token as ``""``."""
+    state = smol.open([SHORT_ANSWER + "The answer is 4."])
+    (distribution,) = state.next(top_logprobs=3)
+    assert distribution.top[0].text == ""
+    assert 0.3 < math.exp(distribution.top[0].logprob) < 1
+
+
+def test_count_tokens_matches_the_server_tokenizer(smol, gemma, smol_gguf, gemma_gguf):
+    import llama_cpp
+
+    text = "Question: What is 12 + 30?\nAnswer: 42 <|im_end|>"
+    for model, gguf in ((smol, smol_gguf), (gemma, gemma_gguf)):
+        vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+        expected = len(vocab.tokenize(text.encode(), add_bos=False, special=True))
+        assert model.count_tokens(text) == expected
+        assert model.count_tokens("") == 0
+        vocab.close()
+
+
+def test_score_refuses_a_server_with_misaligned_echo(smol, smol_url):
+    with pytest.raises(ModelError, match=rf"{smol_url} cannot score given text.*vLLM"):
+        smol.score([PLAIN], [" Paris."])
+
+
+def test_score_matches_generation_where_echo_works(gemma):
+    (completion,) = gemma.complete([PLAIN], max_tokens=3)
+    scored = gemma.score([PLAIN, PLAIN], [completion.text, ""], top_logprobs=2)
+    assert [s.token.text for s in scored[0].steps] == [s.token.text for s in completion.steps]
+    for given, generated in zip(scored[0].steps, completion.steps):
+        assert abs(given.token.logprob - generated.token.logprob) < 0.3
+        assert len(given.top) == 2
+    assert math.isclose(scored[0].logprob, sum(s.token.logprob for s in scored[0].steps))
+    assert scored[1].steps == []
+

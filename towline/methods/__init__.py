@@ -1,0 +1,1 @@
+"""Decoding methods, each written against :class:`towline.models.base.Model` only."""

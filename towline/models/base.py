@@ -1,0 +1,211 @@
+"""The one model interface every method is written against.
+
+A backend (local weights, an OpenAI-compatible server, ...) implements :class:`Model`.
+Methods never import a backend: they call these few operations, all of which speak text
+in and text out, so base and guide may use different tokenizers.
+
+- :meth:`Model.complete` -- decode a batch of prompts (greedy or sampled), returning each
+  token together with the next-token distribution it was taken from.
+- :meth:`Model.stream` -- the same for one prompt, a step at a time; stop reading any time.
+- :meth:`Model.score` -- log-probs of a given continuation and the distribution at each of
+  its positions, in one pass. Verifying a drafted run of tokens is a ``score`` call.
+- :meth:`Model.open` -- an incremental :class:`DecodeState` for a batch: next-token
+  distributions (the full vocabulary where the backend has it), append tokens, reorder rows
+  (beam search), so methods can run their own decoding loop.
+- :meth:`Model.count_tokens` -- length of a text in this model's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token. ``temperature == 0`` is greedy decoding.
+
+    >>> Sampling().greedy, Sampling(temperature=0.7, seed=1).greedy
+    (True, False)
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token: its text, log-probability and (where the backend knows it) its id."""
+
+    text: str
+    logprob: float
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One position: the token taken there and the most likely alternatives, best first.
+
+    Log-probs are under the distribution the token was drawn from: after temperature,
+    top-k and top-p for sampled decoding, the plain softmax for greedy decoding.
+
+    >>> s = Step(Token("a", math.log(0.3)), (Token("b", math.log(0.6)), Token("a", math.log(0.3))))
+    >>> round(s.top1_prob, 3)
+    0.6
+    """
+
+    token: Token
+    top: tuple[Token, ...] = ()
+
+    @property
+    def top1_prob(self) -> float:
+        """Highest next-token probability at this position."""
+        # Servers may drop entries of top_logprobs whose strings collide; the taken token's
+        # own logprob is always exact, so it bounds the top-1 from below.
+        best = max((t.logprob for t in self.top), default=-math.inf)
+        return math.exp(max(best, self.token.logprob))
+
+
+FinishReason = Literal["end", "stop", "length"]
+"""``end``: the model's own end of text; ``stop``: a stop string; ``length``: the budget."""
+
+
+@dataclass
+class Completion:
+    """A decoded continuation of one prompt. ``steps`` holds one entry per generated token
+    (the end-of-text token is not one of them)."""
+
+    text: str
+    steps: list[Step]
+    finish_reason: FinishReason
+
+    @property
+    def ended(self) -> bool:
+        """True when the model itself ended its text (EOS / end of turn)."""
+        return self.finish_reason == "end"
+
+
+@dataclass
+class Scored:
+    """A given continuation scored under a prompt: one step per continuation token."""
+
+    steps: list[Step]
+
+    @property
+    def logprob(self) -> float:
+        return sum(s.token.logprob for s in self.steps)
+
+
+@dataclass
+class Distribution:
+    """A next-token distribution. ``top`` is always there (best first); ``full`` holds
+    log-probs over the whole vocabulary (index = token id) where the backend has them."""
+
+    top: tuple[Token, ...]
+    full: np.ndarray | None = field(default=None, repr=False)
+
+
+class DecodeState(ABC):
+    """Incremental decoding of a batch of rows, for methods that run their own loop
+    (logit arithmetic, beam search). Local backends keep a KV cache behind it."""
+
+    @abstractmethod
+    def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
+        """The next-token distribution of every row (raw model distribution, temperature 1)."""
+
+    @abstractmethod
+    def append(self, tokens: Sequence[Token]) -> None:
+        """Extend each row by one token (``tokens[i]`` goes to row ``i``)."""
+
+    @abstractmethod
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Keep the rows listed, in that order (repeats allowed): row ``i`` becomes old ``rows[i]``."""
+
+    @property
+    @abstractmethod
+    def texts(self) -> list[str]:
+        """What each row has appended so far."""
+
+
+class Model(ABC):
+    """A language model that towline can steer or be steered by."""
+
+    name: str
+    chat_template: str | None = None
+    """The model's own chat template (Jinja), where it ships one."""
+
+    @abstractmethod
+    def complete(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_tokens: int,
+        sampling: Sampling = GREEDY,
+        top_logprobs: int = 1,
+        stop: Sequence[str] = (),
+    ) -> list[Completion]:
+        """Continue each prompt by up to ``max_tokens`` tokens."""
+
+    @abstractmethod
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        sampling: Sampling = GREEDY,
+        top_logprobs: int = 1,
+    ) -> Generator[Step, None, None]:
+        """Continue one prompt, yielding each step as soon as it is decoded.
+
+        Closing the generator early (``.close()``, or leaving a ``with closing(...)``) stops
+        the decoding, so asking for a long continuation and reading one step costs one step.
+        The generator simply ends at the model's end of text."""
+
+    @abstractmethod
+    def score(
+        self, prompts: Sequence[str], continuations: Sequence[str], *, top_logprobs: int = 1
+    ) -> list[Scored]:
+        """Score ``continuations[i]`` as a continuation of ``prompts[i]``, in one pass each."""
+
+    @abstractmethod
+    def open(self, prompts: Sequence[str]) -> DecodeState:
+        """Start incremental decoding of a batch of prompts."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of this model's tokens in ``text`` (no special tokens added)."""
+
+    def close(self) -> None:
+        """Release resources (connections, memory). Models are also context managers."""
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ModelError(RuntimeError):
+    """A model could not be loaded or reached; the message says what to do."""

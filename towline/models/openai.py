@@ -1,0 +1,370 @@
+"""A model served by any OpenAI-compatible ``/v1/completions`` server that returns log-probs.
+
+vLLM, llama.cpp's Python server (``llama-cpp-python[server]``), Together and Fireworks all
+speak this API. Several base URLs (replicas of one model) are used round-robin, and a batch
+runs up to ``max_concurrency`` requests at once. Constructing the model sends nothing:
+
+>>> model = OpenAIModel("my-model", base_urls=["http://127.0.0.1:8000/v1"], max_concurrency=2)
+>>> model.name, model.extra_body
+('my-model', {'repeat_penalty': 1.0, 'min_p': 0.0})
+>>> model.close()
+
+What servers give
+-----------------
+- Only the top-k log-probs of a position (``Distribution.full`` is None) and token texts,
+  not ids (``Token.id`` is None). Special tokens, the end of text included, show as ``""``
+  (llama.cpp) or as their tag (vLLM).
+- The model's raw distribution (temperature 1), also for sampled tokens: servers do not
+  report the distribution a sampled token was drawn from.
+- A sampled batch with a ``seed`` sends ``seed + row`` for each row, so that copies of one
+  prompt (beam search) get different samples, as from one local random stream.
+- ``score`` reads the prompt's log-probs from ``echo=True``, as vLLM returns them. No other
+  request can make a server score text it did not generate, so a server whose echo is
+  missing or wrong (checked once per URL against log-probs it generates) gets a ModelError.
+
+llama.cpp server (llama-cpp-python) quirks
+------------------------------------------
+- Even at temperature 0 it applies ``repeat_penalty=1.1`` (and ``min_p=0.05`` when
+  sampling): every request sends the neutral ``repeat_penalty=1.0, min_p=0.0``, which vLLM
+  reads the same way (``extra_body`` overrides or extends them). Its ``top_k=40`` applies to
+  sampling unless ``Sampling.top_k`` is set (or ``extra_body={"top_k": 0}``).
+- ``top_logprobs`` is keyed by token text, so equal texts collide (every special token is
+  ``""``), and it holds the taken token even when that is outside the top k.
+- When the next token ends the text it reports *no* log-probs: a completion simply stops
+  there (no empty step), and ``DecodeState.next`` sends ``min_tokens=1``, which keeps the
+  end-of-text token out of sampling but not out of the reported log-probs.
+- Echoed log-probs are shifted by one token for models without a BOS token (such as
+  SmolLM2), so ``score`` refuses such a server; with a BOS token (Gemma) they are right.
+- It serves one request at a time, reports most failures as HTTP 500 (the client retries
+  them), and cuts a stream short when another request arrives unless started with
+  ``--interrupt_requests False`` (``stream`` then raises ModelError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+
+from towline.models.base import (GREEDY, Completion, DecodeState, Distribution, FinishReason, Model,
+                                 ModelError, Sampling, Scored, Step, Token)
+
+NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "min_p": 0.0}
+"""Sent with every request: switches off llama.cpp's default penalties; other servers agree."""
+
+ECHO_PROBE = "The capital of France is"
+ECHO_TOLERANCE = 0.5
+"""Nats. Echoed and generated log-probs of one token differ by ~0.1 (batched vs one-by-one
+evaluation); echo shifted by one position differs by several nats."""
+
+
+class OpenAIModel(Model):
+    """A model behind one or more OpenAI-compatible servers (see the module docstring).
+
+    ``api_key`` falls back to ``$OPENAI_API_KEY``, then to ``"EMPTY"`` (local servers);
+    ``timeout`` (seconds) and ``max_retries`` (with backoff, on 429/5xx/connection errors)
+    apply to every request.
+    """
+
+    def __init__(self, model: str, *, base_urls: Sequence[str], api_key: str | None = None,
+                 timeout: float = 120, max_retries: int = 5, max_concurrency: int = 4,
+                 extra_body: dict | None = None, chat_template: str | None = None) -> None:
+        if not base_urls:
+            raise ValueError("base_urls must name at least one server")
+        self.name = model
+        self.chat_template = chat_template
+        self.extra_body = {**NEUTRAL_SAMPLING, **(extra_body or {})}
+        self._tries = max_retries + 1
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self._clients = {url: openai.OpenAI(base_url=url, api_key=key, timeout=timeout,
+                                            max_retries=max_retries) for url in base_urls}
+        self._url_cycle = itertools.cycle(base_urls)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"towline-{model}")
+        self._token_counters: dict[str, Callable[[str], int]] = {}
+        self._echo_checked: set[str] = set()
+
+    def _next_urls(self, count: int) -> list[str]:
+        with self._lock:
+            return [next(self._url_cycle) for _ in range(count)]
+
+    def _map(self, request: Callable[[str, Any], Any], items: Sequence[Any]) -> list:
+        """``request(url, item)`` for every item, concurrently, results in input order.
+
+        URLs are handed out here, in item order, so a batch spreads over the servers
+        predictably whatever order the threads run in.
+        """
+        urls = self._next_urls(len(items))
+        if len(items) == 1:
+            return [request(urls[0], items[0])]
+        return list(self._pool.map(request, urls, items))
+
+    @contextlib.contextmanager
+    def _errors(self, url: str) -> Iterator[None]:
+        """Turn the client's exceptions into :class:`ModelError` naming the server."""
+        try:
+            yield
+        except openai.APITimeoutError as error:
+            raise ModelError(f"{url} did not answer for model {self.name} within the timeout, "
+                             f"{self._tries} tries: raise `timeout` or check the server's load") from error
+        except openai.APIConnectionError as error:
+            raise ModelError(f"cannot reach {url} for model {self.name} after {self._tries} tries "
+                             f"({error.__cause__ or error}): is the server running? Start one with "
+                             "`python -m llama_cpp.server --model FILE.gguf` or `vllm serve MODEL`, "
+                             "or check the URL") from error
+        except openai.APIStatusError as error:
+            raise ModelError(f"{url} refused a request for model {self.name} "
+                             f"(HTTP {error.status_code}): {error.message}") from error
+
+    def _create(self, url: str, **params: Any) -> Any:
+        with self._errors(url):
+            return self._clients[url].completions.create(model=self.name, **params)
+
+    def _params(self, max_tokens: int, sampling: Sampling, top_logprobs: int, *,
+                seed_offset: int = 0, **body: Any) -> dict[str, Any]:
+        extra = {**self.extra_body, **body}
+        if sampling.top_k > 0:
+            extra["top_k"] = sampling.top_k
+        params = dict(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                      logprobs=max(top_logprobs, 1), extra_body=extra)
+        if sampling.seed is not None:
+            params["seed"] = sampling.seed + seed_offset
+        return params
+
+    def complete(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling = GREEDY,
+                 top_logprobs: int = 1, stop: Sequence[str] = ()) -> list[Completion]:
+        if max_tokens < 1:
+            # llama.cpp reads max_tokens=0 as "no limit"; nothing asked for needs no request.
+            return [Completion("", [], "length") for _ in prompts]
+
+        def complete_one(url: str, row: tuple[int, str]) -> Completion:
+            index, prompt = row
+            params = self._params(max_tokens, sampling, top_logprobs, seed_offset=index)
+            if stop:
+                params["stop"] = list(stop)
+            choice = self._create(url, prompt=prompt, **params).choices[0]
+            steps = _steps(choice.logprobs, top_logprobs)
+            reason = _finish_reason(choice, steps, stop)
+            if reason != "length":  # drop the stop string's or end-of-text token's entries
+                steps = _within(steps, len(choice.text))
+            return Completion(choice.text, steps, reason)
+
+        return self._map(complete_one, list(enumerate(prompts)))
+
+    def stream(self, prompt: str, *, max_tokens: int, sampling: Sampling = GREEDY,
+               top_logprobs: int = 1) -> Iterator[Step]:
+        if max_tokens < 1:
+            return
+        (url,) = self._next_urls(1)
+        params = self._params(max_tokens, sampling, top_logprobs)
+        finished = False
+        with self._errors(url), self._clients[url].completions.create(
+            model=self.name, prompt=prompt, stream=True, **params
+        ) as chunks:
+            for chunk in chunks:
+                if not chunk.choices:  # a usage-only chunk
+                    continue
+                choice = chunk.choices[0]
+                steps = _steps(choice.logprobs, top_logprobs)
+                if choice.finish_reason is not None:
+                    finished = True
+                    if choice.finish_reason != "length":
+                        steps = _within(steps, len(choice.text))
+                yield from steps
+        if not finished:
+            raise ModelError(f"{url} ended a stream of model {self.name} before the model finished; "
+                             "llama-cpp-python does this when another request arrives: start it "
+                             "with `--interrupt_requests False`")
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
+              top_logprobs: int = 1) -> list[Scored]:
+        """Score by one ``echo=True`` request on ``prompt + continuation`` per pair.
+
+        The continuation's tokens are the last ``count_tokens(prompt + continuation) -
+        count_tokens(prompt)`` tokens of the echoed prompt. That is exact when the prompt ends
+        at a token boundary (a newline, a template tag); a continuation that merges with the
+        prompt's last characters into one token loses that token's log-prob.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+
+        def score_one(url: str, pair: tuple[str, str]) -> Scored:
+            if not pair[1]:
+                return Scored([])
+            self._check_echo(url)
+            return Scored(self._echoed_steps(url, *pair, top_logprobs))
+
+        return self._map(score_one, list(zip(prompts, continuations)))
+
+    def open(self, prompts: Sequence[str]) -> DecodeState:
+        return _ServerDecodeState(self, prompts)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` by the server's own tokenizer (no BOS), via vLLM's ``/tokenize``
+        or llama-cpp-python's ``/extras/tokenize``. A server with neither is asked to
+        complete ``text`` and ``"a"`` by one token, and the count is read from their
+        ``usage.prompt_tokens`` (``"a"`` is one token in every common vocabulary, so its
+        count less one is what the server adds, such as a BOS token)."""
+        if not text:
+            return 0
+        (url,) = self._next_urls(1)
+        with self._errors(url):
+            if url not in self._token_counters:
+                self._token_counters[url] = self._find_token_counter(url)
+            return self._token_counters[url](text)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for client in self._clients.values():
+            client.close()
+
+    def _find_token_counter(self, url: str) -> Callable[[str], int]:
+        root = url.rstrip("/").removesuffix("/v1")
+        client = self._clients[url]
+        routes = {"/tokenize": lambda text: {"model": self.name, "prompt": text, "add_special_tokens": False},
+                  "/extras/tokenize": lambda text: {"input": text}}
+        for route, payload in routes.items():
+            def tokens(text: str, route: str = route, payload: Callable = payload) -> int:
+                return len(client.post(root + route, body=payload(text), cast_to=object)["tokens"])
+            try:
+                added = tokens("")  # llama-cpp-python's route adds a BOS token
+            except openai.APIStatusError as error:
+                if error.status_code in (404, 405):  # not this server's route
+                    continue
+                raise
+            return lambda text, tokens=tokens, added=added: tokens(text) - added
+
+        def prompt_tokens(text: str) -> int:
+            return self._create(url, prompt=text, **self._params(1, GREEDY, 1)).usage.prompt_tokens
+        added = prompt_tokens("a") - 1
+        return lambda text: prompt_tokens(text) - added
+
+    def _echoed_steps(self, url: str, prompt: str, continuation: str, top_logprobs: int) -> list[Step]:
+        """The steps of ``continuation`` read from an ``echo=True`` request (see :meth:`score`)."""
+        count = self.count_tokens(prompt + continuation) - self.count_tokens(prompt)
+        response = self._create(url, prompt=prompt + continuation, echo=True,
+                                **self._params(1, GREEDY, top_logprobs))
+        logprobs = response.choices[0].logprobs
+        # The entries are the prompt's tokens (vLLM includes the BOS token, llama.cpp drops
+        # it), then the generated ones.
+        echoed = len(logprobs.tokens) - response.usage.completion_tokens if logprobs else 0
+        if not 0 <= count <= echoed:
+            raise ModelError(f"{url} does not return the prompt's log-probs with echo=True, so it "
+                             f"cannot score given text for model {self.name}; serve it with vLLM")
+        rows = range(echoed - count, echoed)
+        if any(logprobs.token_logprobs[i] is None for i in rows):
+            raise ModelError(f"{url} has no log-prob for the first token of {continuation!r}: "
+                             "a text's first token cannot be scored without a prompt or a BOS token")
+        return [Step(Token(logprobs.tokens[i], logprobs.token_logprobs[i]),
+                     _top(logprobs.top_logprobs[i], top_logprobs)) for i in rows]
+
+    def _check_echo(self, url: str) -> None:
+        """Refuse a server whose echoed log-probs disagree with the ones it generates."""
+        if url in self._echo_checked:
+            return
+        params = self._params(3, GREEDY, 1, min_tokens=1)  # the probe needs tokens to compare
+        generated = self._create(url, prompt=ECHO_PROBE, **params).choices[0]
+        expected = [round(s.token.logprob, 2) for s in _steps(generated.logprobs, 1)]
+        echoed = [round(s.token.logprob, 2) for s in self._echoed_steps(url, ECHO_PROBE, generated.text, 1)]
+        if not expected or len(echoed) != len(expected) or any(
+                abs(a - b) > ECHO_TOLERANCE for a, b in zip(echoed, expected)):
+            raise ModelError(f"{url} cannot score given text for model {self.name}: the log-probs it "
+                             f"echoes for {generated.text!r}, {echoed}, are not the {expected} it "
+                             "generated them with (llama-cpp-python shifts echoed log-probs by one "
+                             "token for models without a BOS token); serve the model with vLLM")
+        self._echo_checked.add(url)
+
+    def _next_distributions(self, texts: Sequence[str], top_logprobs: int) -> list[Distribution]:
+        top_logprobs = max(top_logprobs, 1)
+
+        def next_one(url: str, text: str) -> Distribution:
+            # min_tokens=1: llama.cpp reports nothing when the greedy token ends the text.
+            params = self._params(1, GREEDY, top_logprobs, min_tokens=1)
+            steps = _steps(self._create(url, prompt=text, **params).choices[0].logprobs, top_logprobs)
+            if not steps:
+                raise ModelError(f"{url} returned no next-token log-probs for model {self.name}: "
+                                 "its most likely next token is an end-of-text token that "
+                                 "`min_tokens` does not cover, which the server does not report")
+            return Distribution(top=steps[0].top)
+
+        return self._map(next_one, texts)
+
+
+class _ServerDecodeState(DecodeState):
+    """Rows of text; each :meth:`next` sends one ``max_tokens=1`` request per row."""
+
+    def __init__(self, model: OpenAIModel, prompts: Sequence[str]) -> None:
+        self._model = model
+        self._prompts = list(prompts)
+        self._texts = [""] * len(self._prompts)
+
+    def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
+        rows = [prompt + text for prompt, text in zip(self._prompts, self._texts)]
+        return self._model._next_distributions(rows, top_logprobs)
+
+    def append(self, tokens: Sequence[Token]) -> None:
+        if len(tokens) != len(self._texts):
+            raise ValueError(f"{len(tokens)} tokens for {len(self._texts)} rows")
+        self._texts = [text + token.text for text, token in zip(self._texts, tokens)]
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        self._prompts = [self._prompts[row] for row in rows]
+        self._texts = [self._texts[row] for row in rows]
+
+    @property
+    def texts(self) -> list[str]:
+        return list(self._texts)
+
+
+def _top(entries: dict[str, float] | None, count: int) -> tuple[Token, ...]:
+    """The ``count`` best entries of a ``top_logprobs`` dict, best first.
+
+    >>> _top({"b": -2.0, "a": -0.5, "c": -3.0}, 2)
+    (Token(text='a', logprob=-0.5, id=None), Token(text='b', logprob=-2.0, id=None))
+    """
+    ranked = sorted((entries or {}).items(), key=lambda entry: -entry[1])
+    return tuple(Token(text, logprob) for text, logprob in ranked[:count])
+
+
+def _steps(logprobs: Any, top_logprobs: int) -> list[Step]:
+    """One step per entry of a response's ``logprobs`` (none when it has none)."""
+    if logprobs is None or not logprobs.tokens:
+        return []
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    return [Step(Token(text, logprob), _top(top, top_logprobs))
+            for text, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops)]
+
+
+def _within(steps: list[Step], length: int) -> list[Step]:
+    """The steps that start inside the first ``length`` characters of their joined text.
+
+    >>> [s.token.text for s in _within([Step(Token("Hi", 0.0)), Step(Token(".", 0.0))], 2)]
+    ['Hi']
+    """
+    kept, start = [], 0
+    for step in steps:
+        if start >= length:
+            break
+        kept.append(step)
+        start += len(step.token.text)
+    return kept
+
+
+def _finish_reason(choice: Any, steps: list[Step], stop: Sequence[str]) -> FinishReason:
+    if choice.finish_reason == "length":
+        return "length"
+    extra = choice.model_extra or {}
+    if "stop_reason" in extra:
+        # vLLM names the stop string that matched; None or a token id is the model's own end.
+        return "stop" if isinstance(extra["stop_reason"], str) else "end"
+    if not stop:
+        return "end"
+    # llama.cpp cuts a stop string off the text but still reports its tokens, while the
+    # end-of-text token is never reported: tokens running past the text mean a stop string.
+    return "stop" if sum(len(s.token.text) for s in steps) > len(choice.text) else "end"

@@ -1,0 +1,277 @@
+"""Prompts: one request, rendered for each model (SPEC section 1).
+
+A :class:`PromptRequest` holds the parts of a question; :func:`build_prompt` turns it into the
+text one model sees -- plain text for a base model, a chat template for a chat model -- and
+reports which template it used and the string that ends an assistant turn there (methods use
+it as a stop string).
+
+Chat templates are Jinja strings rendered the way Hugging Face ``apply_chat_template`` does
+(sandboxed, ``trim_blocks``/``lstrip_blocks``, a ``raise_exception`` global), without
+importing transformers. ``FAMILIES`` holds the built-in templates by name, ``ALIASES`` the
+other names some families go by:
+
+>>> sorted(FAMILIES)
+['chatml', 'gemma-it', 'llama-2-chat', 'llama-3', 'olmo', 'qwen', 'smollm']
+>>> ALIASES["qwen"]
+'chatml'
+
+>>> req = PromptRequest(question="What is 2+2?", system="Be brief.", question_prefix="Question: ")
+>>> build_prompt(req, chat=False).text
+'Be brief.\\nQuestion: What is 2+2?\\n'
+>>> p = build_prompt(req, chat=True, template="chatml")
+>>> print(p.text)
+<|im_start|>system
+Be brief.<|im_end|>
+<|im_start|>user
+Question: What is 2+2?<|im_end|>
+<|im_start|>assistant
+<BLANKLINE>
+>>> p.template, p.end_of_turn
+('family:chatml', '<|im_end|>')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["ALIASES", "FAMILIES", "BuiltPrompt", "PromptRequest", "build_prompt"]
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """The parts of one question, shared by every model's prompt.
+
+    ``context`` goes before ``question_prefix`` with no separator (end it with a newline
+    yourself, e.g. ``"Subject: math\\n"``); ``answer_start`` is the text the answer begins with.
+
+    >>> PromptRequest(question="Why?", question_prefix="Q: ").question_prefix
+    'Q: '
+    """
+
+    question: str
+    system: str = ""
+    question_prefix: str = ""
+    context: str = ""
+    answer_start: str = ""
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    """A rendered prompt.
+
+    ``text`` is what to send to the model; ``template`` says which template made it
+    (``"plain"``, ``"family:<name>"``, ``"model's own chat template"`` or ``"custom"``);
+    ``end_of_turn`` is the string ending an assistant turn in that template (a stop string),
+    or None for plain text or when it could not be told.
+
+    >>> build_prompt(PromptRequest(question="Hi"), chat=False)
+    BuiltPrompt(text='Hi\\n', template='plain', end_of_turn=None)
+    """
+
+    text: str
+    template: str
+    end_of_turn: str | None
+
+
+# Built-in families, as Jinja chat templates reproducing each official template.
+# None of them writes the BOS text (<s>, <|begin_of_text|>, <bos>): local tokenizers add BOS
+# themselves for these models, and writing it too would give a doubled BOS. OLMo keeps its
+# leading <|endoftext|>: OLMo tokenizers have no BOS token and add nothing, and the official
+# template writes it. Families without a system role raise on one, like the official
+# templates do; build_prompt then merges the system text into the user turn.
+# Each entry: family name -> (Jinja template, the string that ends an assistant turn).
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "llama-2-chat": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}"
+        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+        "{% for message in loop_messages %}{% set content = message['content'] %}"
+        "{% if loop.first and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + content %}"
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ ('' if loop.first else '<s>') + '[INST] ' + content | trim + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + content | trim + ' </s>' }}{% endif %}"
+        "{% endfor %}",
+        "</s>",
+    ),
+    "llama-3": (
+        "{% for message in messages %}{{ '<|start_header_id|>' + message['role']"
+        " + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+        "{% endif %}",
+        "<|eot_id|>",
+    ),
+    "gemma-it": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        "<end_of_turn>",
+    ),
+    "olmo": (
+        "<|endoftext|>{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ '<|assistant|>\\n' + message['content'] + '<|endoftext|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
+        "<|endoftext|>",
+    ),
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        "<|im_end|>",
+    ),
+}
+
+# Other names for a family (SmolLM/SmolLM2 and Qwen speak ChatML).
+ALIASES: dict[str, str] = {"smollm": "chatml", "qwen": "chatml"}
+
+# Built-in chat templates by family name, aliases included, as Jinja strings.
+# The ChatML family adds no default system prompt (SmolLM2's and Qwen's own templates do).
+FAMILIES: dict[str, str] = {
+    name: _BUILTIN[ALIASES.get(name, name)][0] for name in [*_BUILTIN, *ALIASES]
+}
+
+_NAMES = ", ".join(sorted(FAMILIES))  # for error messages
+_PROBE = "TOWLINE-END-OF-TURN-PROBE"
+
+
+def build_prompt(
+    request: PromptRequest,
+    *,
+    chat: bool,
+    template: str | None = None,
+    model_template: str | None = None,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> BuiltPrompt:
+    """Render ``request`` for one model.
+
+    ``chat=False`` (a base model) gives plain text
+    ``{system}\\n{context}{question_prefix}{question}\\n{answer_start}``; when ``system`` is
+    empty the leading ``{system}\\n`` is left out entirely (no stray empty line).
+
+    ``chat=True`` uses ``model_template`` (the Jinja chat template from the model's tokenizer)
+    when given, else the built-in family named by ``template``. The system text gets a system
+    turn when the template has one; a template that raises on a system message (or drops its
+    text) gets it merged into the user turn as ``{system}\\n{context}{question_prefix}{question}``.
+    The assistant turn is opened and ``answer_start`` follows it directly.
+
+    ``template`` overrides the model's template, whatever ``chat`` says: a family name or alias
+    (see :data:`FAMILIES`), ``"plain"``, or a Jinja string (it contains ``{%`` or ``{{``).
+    ``bos_token``/``eos_token`` are passed to Jinja templates that reference them (the family
+    templates do not). For a model's own or a custom template, ``end_of_turn`` is read from a
+    rendered example conversation: the text right after the assistant's message, up to the
+    next newline, stripped; None if that is empty or the template cannot render one.
+
+    >>> req = PromptRequest(question="Hi?", system="Be kind.", answer_start="Sure,")
+    >>> build_prompt(req, chat=True, template="gemma-it").text
+    '<start_of_turn>user\\nBe kind.\\nHi?<end_of_turn>\\n<start_of_turn>model\\nSure,'
+    >>> build_prompt(req, chat=True, template="plain").text
+    'Be kind.\\nHi?\\nSure,'
+    >>> own = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\\n{% endfor %}[assistant] "
+    >>> p = build_prompt(req, chat=True, model_template=own)
+    >>> p.text, p.template, p.end_of_turn
+    ('[system] Be kind.\\n[user] Hi?\\n[assistant] Sure,', "model's own chat template", None)
+    >>> build_prompt(req, chat=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: chat=True needs a chat template: pass template= a family name (chatml, ...
+    """
+    if template and ("{%" in template or "{{" in template):
+        jinja, label, end = template, "custom", None
+    elif template and template.lower() != "plain":
+        name = ALIASES.get(template.lower(), template.lower())
+        if name not in _BUILTIN:
+            raise ValueError(
+                f"unknown template {template!r}: use 'plain', a family name "
+                f"({_NAMES}) or a Jinja chat-template string"
+            )
+        jinja, label, end = _BUILTIN[name][0], f"family:{name}", _BUILTIN[name][1]
+    elif template or not chat:
+        return BuiltPrompt(_plain(request), "plain", None)
+    elif model_template:
+        jinja, label, end = model_template, "model's own chat template", None
+    else:
+        raise ValueError(
+            f"chat=True needs a chat template: pass template= a family name ({_NAMES}) "
+            "or a Jinja chat-template string, or model_template= the tokenizer's template"
+        )
+    tokens = {"bos_token": bos_token, "eos_token": eos_token}
+    text = _render_request(jinja, request, tokens)
+    if end is None:
+        end = _infer_end_of_turn(jinja, tokens)
+    return BuiltPrompt(text + request.answer_start, label, end)
+
+
+def _plain(request: PromptRequest) -> str:
+    return f"{_user_text(request, merge_system=True)}\n{request.answer_start}"
+
+
+def _user_text(request: PromptRequest, *, merge_system: bool) -> str:
+    body = f"{request.context}{request.question_prefix}{request.question}"
+    return f"{request.system}\n{body}" if merge_system and request.system else body
+
+
+def _render_request(jinja: str, request: PromptRequest, tokens: dict[str, str]) -> str:
+    """The chat prompt up to the opened assistant turn (answer_start not yet added).
+
+    A system turn is kept only if the template renders it without raising and actually uses
+    it (some templates silently drop system messages); otherwise the system text is merged
+    into the user turn.
+    """
+    user = {"role": "user", "content": _user_text(request, merge_system=False)}
+    if request.system:
+        try:
+            text = _render(jinja, [{"role": "system", "content": request.system}, user], **tokens)
+        except Exception:  # e.g. raise_exception('System role not supported')
+            pass
+        else:
+            if request.system.strip() in text and text != _render(jinja, [user], **tokens):
+                return text
+    user = {"role": "user", "content": _user_text(request, merge_system=True)}
+    return _render(jinja, [user], **tokens)
+
+
+def _infer_end_of_turn(jinja: str, tokens: dict[str, str]) -> str | None:
+    """What a template writes right after an assistant message, up to a newline; or None."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = _render(jinja, messages, **tokens, add_generation_prompt=False)
+    except Exception:
+        return None
+    if _PROBE not in text:
+        return None
+    end = text.split(_PROBE, 1)[1].split("\n", 1)[0].strip()
+    return end or None
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@lru_cache(maxsize=64)
+def _compile(jinja: str) -> jinja2.Template:
+    # The environment transformers uses for chat templates.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(jinja)
+
+
+def _render(jinja: str, messages: list[dict[str, str]], **variables: object) -> str:
+    """Render a chat template; the assistant turn is opened unless told otherwise."""
+    variables.setdefault("add_generation_prompt", True)
+    return _compile(jinja).render(messages=messages, **variables)
