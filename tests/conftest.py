@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import copy
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from towline.models.local import LocalModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -124,3 +132,106 @@ def bpe_tokenizer():
     )
     tokenizer.chat_template = FAMILIES["chatml"]
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe(bpe_tokenizer) -> LocalModel:
+    """A tiny Llama on the in-process BPE tokenizer: a model that shares no vocabulary with
+    ``tiny_base``/``tiny_guide``."""
+    return LocalModel(tiny_llama(bpe_tokenizer, seed=3), bpe_tokenizer, name="tiny-bpe")
+
+
+# -- real llama.cpp servers (llama-cpp-python) for server-backed models ----------------
+
+SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
+READY_TIMEOUT_S = 90
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Poll ``/v1/models`` until the server answers; fail with the end of its log if not."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"llama.cpp server exited with code {process.returncode}:\n"
+                        f"{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"llama.cpp server at {url} not ready after {READY_TIMEOUT_S}s:\n"
+                f"{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[Callable[[Path], str]]:
+    """A factory: ``llama_server(gguf_path)`` returns the ``/v1`` base URL of a llama.cpp
+    server for that file, started on a free port the first time it is asked for (one server
+    per file for the session) and killed at the end of the session.
+
+    Servers run single-threaded (the test machines are small and shared), evaluate every
+    prompt from scratch (see ``llama_server.py``) and do not cut streams short when another
+    request arrives.
+    """
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+    servers: dict[Path, str] = {}
+    processes: list[subprocess.Popen] = []
+    logs = tempfile.TemporaryDirectory(prefix="towline-llama-")
+
+    def start(gguf: Path) -> str:
+        gguf = Path(gguf).resolve()
+        if gguf not in servers:
+            port = free_port()
+            log = Path(logs.name) / f"{gguf.stem}-{port}.log"
+            command = [sys.executable, str(SERVER_SCRIPT), "--model", str(gguf),
+                       "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                       "--n_threads", "1", "--n_threads_batch", "1",
+                       "--interrupt_requests", "False", "--verbose", "False"]
+            with log.open("wb") as out:
+                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            processes.append(process)
+            url = f"http://127.0.0.1:{port}/v1"
+            _wait_until_ready(url, process, log)
+            servers[gguf] = url
+        return servers[gguf]
+
+    yield start
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    logs.cleanup()
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(installed) -> Path:
+    """SmolLM2-135M-Instruct: a ChatML chat model without a BOS token."""
+    return installed("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(installed) -> Path:
+    """gemma-3-270m: a base model with a BOS token."""
+    return installed("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def smol_url(llama_server: Callable[[Path], str], smol_gguf: Path) -> str:
+    return llama_server(smol_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_url(llama_server: Callable[[Path], str], gemma_gguf: Path) -> str:
+    return llama_server(gemma_gguf)

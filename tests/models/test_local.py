@@ -85,10 +85,10 @@ def test_batch_with_left_padding_equals_one_at_a_time(fresh):
     single = [fresh.complete([p], max_tokens=10, top_logprobs=3)[0] for p in PROMPTS]
     assert [c.text for c in batch] == [c.text for c in single]
     for b, s in zip(batch, single):
-        assert [st.token.id for st in b.steps] == [st.token.id for st in s.steps]
-        assert [st.token.logprob for st in b.steps] == pytest.approx(
-            [st.token.logprob for st in s.steps], abs=1e-4)
-        assert [[t.id for t in st.top] for st in b.steps] == [[t.id for t in st.top] for st in s.steps]
+        assert [x.token.id for x in b.steps] == [x.token.id for x in s.steps]
+        assert [x.token.logprob for x in b.steps] == pytest.approx(
+            [x.token.logprob for x in s.steps], abs=1e-4)
+        assert [[t.id for t in x.top] for x in b.steps] == [[t.id for t in x.top] for x in s.steps]
 
 
 def test_empty_batch_and_zero_tokens(fresh):

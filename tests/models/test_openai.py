@@ -142,7 +142,8 @@ def test_decode_state_next_append_reorder(smol):
 
     state.reorder([1, 1, 0])
     assert state.texts == [greedy[1].steps[0].token.text] * 2 + [greedy[0].steps[0].token.text]
-    assert [d.top[0].text for d in state.next(top_logprobs=3)] == [second[1].top[0].text] * 2 + [second[0].top[0].text]
+    reordered = state.next(top_logprobs=3)
+    assert [d.top for d in reordered] == [second[1].top, second[1].top, second[0].top]
 
 
 def test_next_reports_the_end_of_text_token(smol):

@@ -7,12 +7,13 @@ step, and when the answer is "ready", the same stream goes on to produce the bas
 
 >>> split_words("  The answer  is 4")
 ['  The', 'answer', '', 'is', '4']
->>> strip_repeated_suffix("Step one. " + "It repeats itself again. " * 3)
-'Step one. It repeats itself again. '
+>>> strip_repeated_suffix("Step one. " + "It repeats itself, again and again. " * 3)
+'Step one. It repeats itself, again and again. '
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Generator
 from contextlib import closing
@@ -134,6 +135,10 @@ def nudge(
     stop_reason = ""
     first = None
 
+    @functools.cache
+    def count_tokens(text: str) -> int:
+        return base.count_tokens(text) if text else 0
+
     def base_stream(text: str, limit: int) -> Generator[Step, None, None]:
         calls["base"] += 1
         return base.stream(base_prompt.text + text, max_tokens=limit, sampling=base_sampling, top_logprobs=1)
@@ -152,10 +157,10 @@ def nudge(
         else:
             # 2. Accept guide words until the base is ready.
             words = split_words(proposal.text)
-            accepted, first = _accept_words(words, out, gamma, base_stream, base_chunk)
+            accepted, first = _accept_words(words, out, gamma, base_stream, base_chunk, count_tokens)
             this_round = Round(" ".join(accepted))
         out += this_round.nudging_words
-        guide_tokens += base.count_tokens(this_round.nudging_words) if this_round.nudging_words else 0
+        guide_tokens += count_tokens(this_round.nudging_words)
         if not stop_reason and guide_tokens + base_tokens >= max_tokens:
             stop_reason = "length"
         elif not stop_reason and first is not None:
@@ -191,14 +196,19 @@ BaseStream = Callable[[str, int], Generator[Step, None, None]]
 
 
 def _accept_words(words: list[str], out: str, gamma: float, base_stream: BaseStream,
-                  base_chunk: int) -> tuple[list[str], tuple[Generator[Step, None, None], Step] | None]:
+                  base_chunk: int, count_tokens: Callable[[str], int],
+                  ) -> tuple[list[str], tuple[Generator[Step, None, None], Step] | None]:
     """SPEC §2 step 2. Returns the nudging words and, when the base is ready and has a
-    token, the open base stream with that first token."""
+    token, the open base stream with that first token.
+
+    The words are counted before each stream opens: a server may serve one request at a
+    time (llama.cpp cancels an open stream when another request arrives)."""
     accepted = [words[0]]
     for i in range(1, len(words)):
         if words[i] == "":
             accepted.append("")
             continue
+        count_tokens(" ".join(accepted))
         stream = base_stream(out + " ".join(accepted), base_chunk)
         step = next(stream, None)
         if step is None:  # the base's answer here is its end of text: ready, no base phase

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,7 +228,13 @@ class LocalModel(Model):
                         finish[row] = "stop"
             if all(s is None for s in out):
                 break
-            yield out
+            try:
+                yield out
+            except GeneratorExit:
+                # Closed early (a stream read for a step or two, as nudging does): what was
+                # computed so far is still the best prefix for the next, extended prompt.
+                batch.remember()
+                raise
             if all(f is not None for f in finish) or position == max_tokens - 1:
                 break
             # Finished rows are fed a filler token; their outputs are ignored from now on.
@@ -259,10 +266,12 @@ class LocalModel(Model):
 
     def stream(self, prompt: str, *, max_tokens: int, sampling: Sampling = GREEDY,
                top_logprobs: int = 1) -> Generator[Step, None, None]:
-        for new in self._decode_rows([prompt], max_tokens=max_tokens, sampling=sampling,
-                                     top_logprobs=top_logprobs, stop=(), finish=[None]):
-            if new[0] is not None:
-                yield new[0]
+        rows = self._decode_rows([prompt], max_tokens=max_tokens, sampling=sampling,
+                                 top_logprobs=top_logprobs, stop=(), finish=[None])
+        with closing(rows):  # closing this stream closes the decoding loop at once
+            for new in rows:
+                if new[0] is not None:
+                    yield new[0]
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
               top_logprobs: int = 1) -> list[Scored]:

@@ -111,13 +111,14 @@ class OpenAIModel(Model):
         try:
             yield
         except openai.APITimeoutError as error:
-            raise ModelError(f"{url} did not answer for model {self.name} within the timeout, "
-                             f"{self._tries} tries: raise `timeout` or check the server's load") from error
+            raise ModelError(f"{url} did not answer for model {self.name} within the timeout "
+                             f"({self._tries} tries): raise `timeout` or check the server's load"
+                             ) from error
         except openai.APIConnectionError as error:
             raise ModelError(f"cannot reach {url} for model {self.name} after {self._tries} tries "
                              f"({error.__cause__ or error}): is the server running? Start one with "
-                             "`python -m llama_cpp.server --model FILE.gguf` or `vllm serve MODEL`, "
-                             "or check the URL") from error
+                             "`python -m llama_cpp.server --model FILE.gguf` or `vllm serve "
+                             "MODEL`, or check the URL") from error
         except openai.APIStatusError as error:
             raise ModelError(f"{url} refused a request for model {self.name} "
                              f"(HTTP {error.status_code}): {error.message}") from error
@@ -178,9 +179,9 @@ class OpenAIModel(Model):
                         steps = _within(steps, len(choice.text))
                 yield from steps
         if not finished:
-            raise ModelError(f"{url} ended a stream of model {self.name} before the model finished; "
-                             "llama-cpp-python does this when another request arrives: start it "
-                             "with `--interrupt_requests False`")
+            raise ModelError(f"{url} ended a stream of model {self.name} before the model "
+                             "finished; llama-cpp-python does this when another request arrives: "
+                             "start it with `--interrupt_requests False`")
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
               top_logprobs: int = 1) -> list[Scored]:
@@ -227,8 +228,10 @@ class OpenAIModel(Model):
     def _find_token_counter(self, url: str) -> Callable[[str], int]:
         root = url.rstrip("/").removesuffix("/v1")
         client = self._clients[url]
-        routes = {"/tokenize": lambda text: {"model": self.name, "prompt": text, "add_special_tokens": False},
-                  "/extras/tokenize": lambda text: {"input": text}}
+        routes = {  # vLLM's, then llama-cpp-python's
+            "/tokenize": lambda text: {"model": self.name, "prompt": text, "add_special_tokens": False},
+            "/extras/tokenize": lambda text: {"input": text},
+        }
         for route, payload in routes.items():
             def tokens(text: str, route: str = route, payload: Callable = payload) -> int:
                 return len(client.post(root + route, body=payload(text), cast_to=object)["tokens"])
@@ -245,7 +248,8 @@ class OpenAIModel(Model):
         added = prompt_tokens("a") - 1
         return lambda text: prompt_tokens(text) - added
 
-    def _echoed_steps(self, url: str, prompt: str, continuation: str, top_logprobs: int) -> list[Step]:
+    def _echoed_steps(self, url: str, prompt: str, continuation: str,
+                      top_logprobs: int) -> list[Step]:
         """The steps of ``continuation`` read from an ``echo=True`` request (see :meth:`score`)."""
         count = self.count_tokens(prompt + continuation) - self.count_tokens(prompt)
         response = self._create(url, prompt=prompt + continuation, echo=True,
@@ -259,8 +263,8 @@ class OpenAIModel(Model):
                              f"cannot score given text for model {self.name}; serve it with vLLM")
         rows = range(echoed - count, echoed)
         if any(logprobs.token_logprobs[i] is None for i in rows):
-            raise ModelError(f"{url} has no log-prob for the first token of {continuation!r}: "
-                             "a text's first token cannot be scored without a prompt or a BOS token")
+            raise ModelError(f"{url} has no log-prob for the first token of {continuation!r}: a "
+                             "text's first token cannot be scored without a prompt or a BOS token")
         return [Step(Token(logprobs.tokens[i], logprobs.token_logprobs[i]),
                      _top(logprobs.top_logprobs[i], top_logprobs)) for i in rows]
 
@@ -271,13 +275,14 @@ class OpenAIModel(Model):
         params = self._params(3, GREEDY, 1, min_tokens=1)  # the probe needs tokens to compare
         generated = self._create(url, prompt=ECHO_PROBE, **params).choices[0]
         expected = [round(s.token.logprob, 2) for s in _steps(generated.logprobs, 1)]
-        echoed = [round(s.token.logprob, 2) for s in self._echoed_steps(url, ECHO_PROBE, generated.text, 1)]
+        echoed = [round(s.token.logprob, 2)
+                  for s in self._echoed_steps(url, ECHO_PROBE, generated.text, 1)]
         if not expected or len(echoed) != len(expected) or any(
                 abs(a - b) > ECHO_TOLERANCE for a, b in zip(echoed, expected)):
-            raise ModelError(f"{url} cannot score given text for model {self.name}: the log-probs it "
-                             f"echoes for {generated.text!r}, {echoed}, are not the {expected} it "
-                             "generated them with (llama-cpp-python shifts echoed log-probs by one "
-                             "token for models without a BOS token); serve the model with vLLM")
+            raise ModelError(f"{url} cannot score given text for model {self.name}: the log-probs "
+                             f"it echoes for {generated.text!r}, {echoed}, are not the {expected} "
+                             "it generated them with (llama-cpp-python shifts echoed log-probs by "
+                             "one token for models without a BOS token); serve the model with vLLM")
         self._echo_checked.add(url)
 
     def _next_distributions(self, texts: Sequence[str], top_logprobs: int) -> list[Distribution]:
@@ -286,7 +291,8 @@ class OpenAIModel(Model):
         def next_one(url: str, text: str) -> Distribution:
             # min_tokens=1: llama.cpp reports nothing when the greedy token ends the text.
             params = self._params(1, GREEDY, top_logprobs, min_tokens=1)
-            steps = _steps(self._create(url, prompt=text, **params).choices[0].logprobs, top_logprobs)
+            choice = self._create(url, prompt=text, **params).choices[0]
+            steps = _steps(choice.logprobs, top_logprobs)
             if not steps:
                 raise ModelError(f"{url} returned no next-token log-probs for model {self.name}: "
                                  "its most likely next token is an end-of-text token that "

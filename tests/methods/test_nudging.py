@@ -1,0 +1,618 @@
+"""Tests for towline.methods.nudging (SPEC section 2).
+
+Two kinds of models drive the algorithm here:
+
+- tiny random-init Llamas (conftest) for the properties SPEC states for any models
+  (γ = 0, γ > 1, a guide that ends at once, different tokenizers, the length budget);
+- :class:`ScriptedBase` / :class:`ScriptedGuide`, tiny deterministic models written for the
+  rules that random weights almost never exercise (agreement, confidence, repetition). They
+  are honest models: the base's next token is a fixed function of the text it continues, so
+  every question nudging asks it is answered as a real model would answer it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from towline.methods.nudging import NudgingResult, Round, nudge, split_words, strip_repeated_suffix
+from towline.models.base import GREEDY, Completion, Model, Sampling, Step, Token
+from towline.models.local import LocalModel
+from towline.prompts import PromptRequest, build_prompt
+
+QUESTION = "What is 2+2?"
+BASE_PROMPT = QUESTION + "\n"  # the plain prompt SPEC §1 gives a base for this request
+EOS = None
+
+
+# -- scripted models ----------------------------------------------------------------------
+
+
+def word_tokens(text: str) -> list[str]:
+    """The scripted models' tokenizer: a word with the whitespace before it, or trailing whitespace."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+class ScriptedBase(Model):
+    """A deterministic LM over word tokens: ``rule(text)`` gives the greedy next token after
+    ``text`` and its probability (``(EOS, p)`` for end of text). ``asked`` records the text of
+    every decoding it was asked to do."""
+
+    def __init__(self, rule: Callable[[str], tuple[str | None, float]], name: str = "scripted-base") -> None:
+        self.rule = rule
+        self.name = name
+        self.asked: list[str] = []
+        self.steps_decoded = 0
+
+    def _decode(self, prompt: str, max_tokens: int):
+        self.asked.append(prompt)
+        text = prompt
+        for _ in range(max_tokens):
+            token, prob = self.rule(text)
+            if token is EOS:
+                return
+            self.steps_decoded += 1
+            taken = Token(token, math.log(prob))
+            yield Step(taken, (taken,))
+            text += token
+
+    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=()):
+        out = []
+        for prompt in prompts:
+            steps = list(self._decode(prompt, max_tokens))
+            ended = len(steps) < max_tokens
+            out.append(Completion("".join(s.token.text for s in steps), steps, "end" if ended else "length"))
+        return out
+
+    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
+        yield from self._decode(prompt, max_tokens)
+
+    def score(self, prompts, continuations, *, top_logprobs=1):
+        raise NotImplementedError
+
+    def open(self, prompts):
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(word_tokens(text))
+
+
+def rules(table: dict[str, tuple[str | None, float]], default: tuple[str | None, float]):
+    """A base rule from a table keyed by the text's ending (the longest matching key wins)."""
+    keys = sorted(table, key=len, reverse=True)
+
+    def rule(text: str) -> tuple[str | None, float]:
+        for key in keys:
+            if text.endswith(key):
+                return table[key]
+        return default
+
+    return rule
+
+
+def sentence(words: Sequence[str], *, prob: float = 0.9, then_end: bool = True):
+    """A base that, after any text, writes ``words`` in order (each with a leading space) and
+    then ends (or starts over); after a word that is not one of them it starts the sentence."""
+
+    def rule(text: str) -> tuple[str | None, float]:
+        last = text.split()[-1] if text.split() else ""
+        if last in words:
+            i = words.index(last) + 1
+            if i == len(words):
+                return (EOS, prob) if then_end else (" " + words[0], prob)
+            return " " + words[i], prob
+        return " " + words[0], prob
+
+    return rule
+
+
+class ScriptedGuide(Model):
+    """A guide that proposes the given texts, one per call, then ends its answer."""
+
+    chat_template = None
+
+    def __init__(self, proposals: Sequence[str], name: str = "scripted-guide") -> None:
+        self.proposals = list(proposals)
+        self.name = name
+        self.seen: list[str] = []
+
+    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=()):
+        (prompt,) = prompts
+        self.seen.append(prompt)
+        if len(self.seen) > len(self.proposals):
+            return [Completion("", [], "end")]
+        tokens = word_tokens(self.proposals[len(self.seen) - 1])
+        assert len(tokens) <= max_tokens, "scripted proposal longer than guide_chunk"
+        steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
+        return [Completion("".join(tokens), steps, "length")]
+
+    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
+        yield from self.complete([prompt], max_tokens=max_tokens)[0].steps
+
+    def score(self, prompts, continuations, *, top_logprobs=1):
+        raise NotImplementedError
+
+    def open(self, prompts):
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(word_tokens(text))
+
+
+def run(base: Model, guide: Model, **kwargs) -> NudgingResult:
+    kwargs.setdefault("guide_template", "chatml")
+    return nudge(base=base, guide=guide, request=QUESTION, **kwargs)
+
+
+def pairs(result: NudgingResult) -> list[tuple[str, str]]:
+    return [(r.nudging_words, r.base_text) for r in result.rounds]
+
+
+def joined(result: NudgingResult) -> str:
+    return "".join(r.nudging_words + r.base_text for r in result.rounds)
+
+
+# -- split_words / strip_repeated_suffix --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "proposal, words",
+    [
+        ("The answer is 4", ["The", "answer", "is", "4"]),
+        ("  The answer", ["  The", "answer"]),  # leading spaces stay with the first word
+        (" The", [" The"]),
+        ("a  b", ["a", "", "b"]),  # a double space gives an empty word
+        ("a   b", ["a", "", "", "b"]),
+        ("Step 1:\nAdd 2 and\n\n2", ["Step", "1:\nAdd", "2", "and\n\n2"]),  # newlines stay inside
+        ("ends with space ", ["ends", "with", "space", ""]),
+        ("", [""]),
+        ("   ", ["   "]),
+        ("\n  x", ["\n", "", "x"]),  # only spaces count as leading spaces
+    ],
+)
+def test_split_words_examples(proposal, words):
+    assert split_words(proposal) == words
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list(" a\nb\tç")), max_size=30) | st.text(max_size=30))
+def test_split_words_round_trips(text):
+    words = split_words(text)
+    assert " ".join(words) == text
+    assert all(" " not in w for w in words[1:])
+    assert words[0].lstrip(" ").count(" ") == 0
+
+
+SENTENCE = "It repeats itself again and again. "  # 35 characters
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Intro. " + SENTENCE * 2, "Intro. " + SENTENCE),
+        ("Intro. " + SENTENCE * 5, "Intro. " + SENTENCE),  # stripped repeatedly
+        (SENTENCE * 2, SENTENCE),
+        ("x" * 60, "x" * 30),
+        ("x" * 58, "x" * 58),  # a repeat of 29 characters is too short
+        ("Intro. " + "Short repeated bit. " * 2, "Intro. " + "Short repeated bit. " * 2),  # < 30 chars
+        ("A" * 10 + SENTENCE + "tail", "A" * 10 + SENTENCE + "tail"),
+        ("", ""),
+    ],
+)
+def test_strip_repeated_suffix_examples(text, expected):
+    assert strip_repeated_suffix(text) == expected
+
+
+def test_strip_repeated_suffix_threshold():
+    part = "0123456789" * 3  # exactly 30 characters, no repeat of its own
+    assert strip_repeated_suffix("start:" + part + part) == "start:" + part
+    short = part[:-1]  # 29 characters
+    assert strip_repeated_suffix("start:" + short + short) == "start:" + short + short
+    # The repeat must be immediate: something between the two copies keeps both.
+    assert strip_repeated_suffix("start:" + part + "!" + part) == "start:" + part + "!" + part
+    assert strip_repeated_suffix(part * 2, min_chars=31) == part * 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["ab", "abc", " ", "x" * 15, SENTENCE, "The end."]), max_size=12))
+def test_strip_repeated_suffix_properties(parts):
+    text = "".join(parts)
+    stripped = strip_repeated_suffix(text)
+    assert text.startswith(stripped)
+    assert strip_repeated_suffix(stripped) == stripped  # nothing left to strip
+    for length in range(30, len(stripped) // 2 + 1):
+        assert stripped[-length:] != stripped[-2 * length: -length]
+
+
+# -- SPEC properties on tiny models --------------------------------------------------------
+
+
+def prompts_for(base: Model, guide: Model, **templates) -> tuple[str, str]:
+    request = PromptRequest(question=QUESTION)
+    b = build_prompt(request, chat=False, template=templates.get("base_template"))
+    g = build_prompt(request, chat=True, template=templates.get("guide_template"),
+                     model_template=guide.chat_template)
+    return b.text, g.text
+
+
+def test_gamma_zero_guide_gives_first_word_base_writes_greedily(tiny_base, tiny_guide, eos_biased):
+    # γ = 0: the base is always ready and always confident, so each round is the guide's
+    # first word followed by the base's own greedy text up to its end of text. A large
+    # base_chunk keeps the base phase one chunk (no re-tokenisation, no chunk guards) and an
+    # EOS bias makes the base end its text now and then, so there are several rounds.
+    base = eos_biased(tiny_base, 32.0)
+    max_tokens = 40
+    result = nudge(base=base, guide=tiny_guide, request=QUESTION, gamma=0.0, guide_chunk=8,
+                   base_chunk=64, max_tokens=max_tokens)
+    assert result.stop_reason == "length"
+    assert len(result.rounds) >= 4
+    assert any(r.base_text for r in result.rounds)
+    base_prompt, guide_prompt = result.prompts["base"], result.prompts["guide"]
+    assert (base_prompt, guide_prompt) == prompts_for(base, tiny_guide)
+    out = ""
+    for number, r in enumerate(result.rounds):
+        (proposal,) = tiny_guide.complete([guide_prompt + out], max_tokens=8)
+        words = split_words(proposal.text)
+        assert "" not in words[1:2]  # no empty second word: w_0 alone is expected
+        assert r.nudging_words == words[0]
+        out += r.nudging_words
+        (greedy,) = base.complete([base_prompt + out], max_tokens=max_tokens)
+        pieces = [s.token.text for s in greedy.steps]
+        if number < len(result.rounds) - 1:
+            assert greedy.finish_reason == "end"  # the round ended with the base's text
+            assert r.base_text == "".join(pieces)
+        else:  # the last round ran out of budget
+            assert r.base_text in {"".join(pieces[:m]) for m in range(len(pieces) + 1)}
+        out += r.base_text
+    assert result.text == strip_repeated_suffix(out)
+
+
+def test_gamma_zero_one_round_is_the_base_greedy_continuation(tiny_base, tiny_guide):
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, gamma=0.0, guide_chunk=8,
+                   base_chunk=64, max_tokens=30)
+    assert result.stop_reason == "length" and len(result.rounds) == 1
+    (r,) = result.rounds
+    (greedy,) = tiny_base.complete([result.prompts["base"] + r.nudging_words], max_tokens=30)
+    n = 30 - tiny_base.count_tokens(r.nudging_words)
+    assert result.base_tokens == n
+    assert r.base_text == "".join(s.token.text for s in greedy.steps[:n])
+
+
+def test_gamma_above_one_base_adds_at_most_one_token_per_round(tiny_base):
+    # Guide and base: the same model on the same prompt, so the base often agrees with the
+    # guide's next word and gets a base phase; with γ > 1 it can never be confident, so every
+    # base phase is exactly its first token.
+    result = nudge(base=tiny_base, guide=tiny_base, request=QUESTION, gamma=1.01,
+                   base_template="chatml", guide_template="chatml", max_tokens=30)
+    assert result.prompts["base"] == result.prompts["guide"]
+    with_base = [r for r in result.rounds if r.base_text]
+    assert len(with_base) >= 2
+    assert result.base_tokens == len(with_base)
+    out = ""
+    for r in result.rounds:
+        out += r.nudging_words
+        if r.base_text:
+            (greedy,) = tiny_base.complete([result.prompts["base"] + out], max_tokens=1)
+            assert r.base_text == greedy.steps[0].token.text
+        out += r.base_text
+
+
+def test_guide_that_stops_at_once_ends_the_answer(tiny_base, tiny_guide, eos_biased):
+    guide = eos_biased(tiny_guide, 1e4)
+    result = nudge(base=tiny_base, guide=guide, request=QUESTION)
+    assert result.stop_reason == "guide_stop"
+    assert len(result.rounds) == 1
+    assert result.text == "" and pairs(result) == [("", "")]
+    assert result.model_calls == {"base": 0, "guide": 1}
+    assert result.tokens == 0 and result.guide_token_fraction == 0.0
+
+
+def test_guide_that_stops_later_keeps_its_last_text(tiny_base, tiny_guide, eos_biased):
+    # The guide's greedy answer ends after a few tokens: its final text is appended whole.
+    guide_prompt = prompts_for(tiny_base, tiny_guide)[1]
+    (plain,) = tiny_guide.complete([guide_prompt], max_tokens=16)
+    ids = tiny_guide.tokenizer(guide_prompt).input_ids + [s.token.id for s in plain.steps]
+    eos = tiny_guide.tokenizer.eos_token_id
+    with torch.inference_mode():
+        logits = tiny_guide.model(input_ids=torch.tensor([ids])).logits[0, -17:-1]
+    gaps = [(torch.cat([r[:eos], r[eos + 1:]]).max() - r[eos]).item() for r in logits]
+    k = min(range(2, 16), key=lambda j: gaps[j] - min(gaps[:j]))
+    assert gaps[k] < min(gaps[:k])
+    guide = eos_biased(tiny_guide, (gaps[k] + min(gaps[:k])) / 2)
+    result = nudge(base=tiny_base, guide=guide, request=QUESTION, guide_chunk=16, gamma=1.01)
+    assert result.stop_reason == "guide_stop" and len(result.rounds) == 1
+    assert result.text == tiny_guide.tokenizer.decode([s.token.id for s in plain.steps[:k]])
+    assert result.guide_token_fraction == 1.0 or result.tokens == 0
+
+
+def test_length_budget_on_tiny_models(tiny_base, tiny_guide):
+    max_tokens = 24
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=max_tokens)
+    assert result.stop_reason == "length"
+    assert result.guide_tokens == sum(tiny_base.count_tokens(w) for w in result.nudging_words)
+    last = tiny_base.count_tokens(result.rounds[-1].nudging_words)
+    # The round that reached the budget may overshoot by its nudging words, never more.
+    assert max_tokens <= result.tokens <= max(max_tokens, max_tokens - 1 + last)
+    assert result.text == strip_repeated_suffix(joined(result))
+    assert 0 <= result.guide_token_fraction <= 1
+
+
+def test_different_tokenizers(tiny_base, tiny_bpe, bpe_tokenizer, smollm2_tokenizer):
+    other = tiny_bpe
+    assert len(bpe_tokenizer) != len(smollm2_tokenizer)
+    text = "What is 2+2? The answer is 4."
+    assert bpe_tokenizer(text).input_ids != smollm2_tokenizer(text).input_ids
+    assert bpe_tokenizer.decode(bpe_tokenizer(text).input_ids) == text
+    assert other.chat_template
+    for base, guide in [(tiny_base, other), (other, tiny_base)]:
+        for gamma in (0.4, 0.0, 1.01):
+            result = nudge(base=base, guide=guide, request=QUESTION, gamma=gamma, max_tokens=30,
+                           guide_chunk=6, base_chunk=6)
+            assert result.stop_reason in {"length", "guide_stop", "repeated_nudging", "rounds"}
+            assert result.rounds
+            assert result.text == strip_repeated_suffix(joined(result))
+            assert joined(result).startswith(result.text)
+            assert 0 <= result.guide_token_fraction <= 1
+            assert result.guide_tokens == sum(base.count_tokens(w) for w in result.nudging_words)
+            assert result.prompts["guide"].startswith("<|im_start|>")
+            assert result.prompts["base"] == QUESTION + "\n"
+            assert result.model_calls["guide"] == len(result.rounds)
+
+
+def test_result_fields(tiny_base, tiny_guide):
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=16)
+    data = result.to_dict()
+    for key in ["text", "stop_reason", "nudging_words", "rounds", "guide_token_fraction", "tokens",
+                "model_calls", "seconds", "prompts"]:
+        assert key in data
+    assert set(data["model_calls"]) == {"base", "guide"}
+    assert set(data["prompts"]) == {"base", "guide"}
+    assert data["nudging_words"] == [r["nudging_words"] for r in data["rounds"]]
+    assert data["rounds"] == [{"nudging_words": r.nudging_words, "base_text": r.base_text} for r in result.rounds]
+    assert data["tokens"] == result.guide_tokens + result.base_tokens
+    assert data["seconds"] > 0
+    json.dumps(data)  # plain data
+    assert result.nudging_words == [r.nudging_words for r in result.rounds]
+
+
+def test_on_round_sees_every_round(tiny_base, tiny_guide):
+    seen: list[Round] = []
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=16, on_round=seen.append)
+    assert seen == result.rounds
+
+
+def test_sampling_is_repeatable(tiny_base, tiny_guide):
+    def go(seed):
+        return nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=20,
+                     base_sampling=Sampling(temperature=1.0, seed=seed),
+                     guide_sampling=Sampling(temperature=1.0, seed=seed)).text
+
+    assert go(5) == go(5)
+
+
+def test_bad_arguments(tiny_base, tiny_guide):
+    for bad in ({"guide_chunk": 0}, {"base_chunk": 0}, {"max_tokens": 0}, {"max_rounds": 0}):
+        with pytest.raises(ValueError):
+            nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, **bad)
+
+
+# -- step 2: accepting guide words (scripted base) ----------------------------------------
+
+LOW, HIGH = 0.1, 0.9
+
+
+def test_agreement_makes_the_base_ready():
+    # After "Hello" the base is unsure (0.1) but its token " b" starts " big": it agrees.
+    base = ScriptedBase(rules({"Hello": (" b", LOW)}, default=(" zz", LOW)))
+    result = run(base, ScriptedGuide(["Hello big world today"]))
+    assert pairs(result)[0] == ("Hello", " b")  # its first token taken unconditionally
+    assert base.asked == [BASE_PROMPT + "Hello"]  # one question; the base phase went on from it
+    assert result.stop_reason == "guide_stop" and result.text == "Hello b"
+    assert result.model_calls == {"base": 1, "guide": 2}
+
+
+def test_agreement_needs_the_token_to_be_a_prefix_of_the_word():
+    base = ScriptedBase(rules({"Hello": (" bigger", LOW)}, default=(" zz", LOW)))
+    result = run(base, ScriptedGuide(["Hello big world"]))
+    assert pairs(result)[0] == ("Hello big", "")  # not ready at "big" or "world"
+
+
+def test_confidence_makes_the_base_ready():
+    base = ScriptedBase(rules({"Hello": (" x", LOW), "Hello big": (" q", 0.5), "q": (" r", 0.45),
+                               "r": (" s", 0.2)}, default=(" zz", LOW)))
+    result = run(base, ScriptedGuide(["Hello big world today"]), gamma=0.4)
+    # Not ready after "Hello" (no agreement, 0.1 < γ): "big" accepted; ready after "Hello big"
+    # (0.5 ≥ γ); the base goes on while confident and stops before " s" (0.2 < γ).
+    assert pairs(result)[0] == ("Hello big", " q r")
+    assert base.asked == [BASE_PROMPT + "Hello", BASE_PROMPT + "Hello big"]
+
+
+def test_not_ready_at_the_last_word_never_accepts_it():
+    base = ScriptedBase(rules({}, default=(" x", LOW)))
+    guide = ScriptedGuide(["Hello big world toda", " next"])
+    result = run(base, guide)
+    assert pairs(result)[:2] == [("Hello big world", ""), (" next", "")]
+    assert base.asked == [BASE_PROMPT + "Hello", BASE_PROMPT + "Hello big", BASE_PROMPT + "Hello big world"]
+    # No base phase: the next round's guide sees the nudging words only.
+    assert guide.seen[1].endswith("Hello big world")
+    assert result.text == "Hello big world next"
+
+
+def test_one_word_proposal_is_accepted_whole_without_the_base():
+    base = ScriptedBase(rules({}, default=(" x", HIGH)))
+    result = run(base, ScriptedGuide(["  Hello", "World"]))
+    assert pairs(result) == [("  Hello", ""), ("World", ""), ("", "")]
+    assert base.asked == []
+    assert result.model_calls["base"] == 0
+    assert result.text == "  HelloWorld" and result.guide_token_fraction == 1.0
+
+
+def test_empty_words_are_accepted_without_asking():
+    base = ScriptedBase(rules({}, default=(" x", LOW)))
+    result = run(base, ScriptedGuide(["Hello  world there"]))
+    assert pairs(result)[0] == ("Hello  world", "")
+    # The empty word after "Hello" was not asked about; "world" was asked after "Hello ".
+    assert base.asked == [BASE_PROMPT + "Hello ", BASE_PROMPT + "Hello  world"]
+
+
+def test_ready_after_an_empty_word_continues_from_it():
+    # After "Hello " a token "wo" cannot agree with " world" (" " + w_i): only confidence
+    # makes the base ready there.
+    base = ScriptedBase(rules({"Hello ": ("w", HIGH), "w": (" go", HIGH), "go": (" on", LOW)},
+                              default=(" x", LOW)))
+    result = run(base, ScriptedGuide(["Hello  world there"]))
+    assert pairs(result)[0] == ("Hello ", "w go")
+    assert base.asked == [BASE_PROMPT + "Hello "]
+    unsure = ScriptedBase(rules({"Hello ": ("wo", LOW)}, default=(" x", LOW)))
+    assert pairs(run(unsure, ScriptedGuide(["Hello  world there"])))[0] == ("Hello  world", "")
+
+
+def test_base_end_of_text_at_a_check_ends_the_round_without_base_phase():
+    base = ScriptedBase(rules({"Hello": (EOS, HIGH)}, default=(" x", LOW)))
+    guide = ScriptedGuide(["Hello big world", " more words"])
+    result = run(base, guide)
+    assert pairs(result) == [("Hello", ""), (" more", ""), ("", "")]
+    assert base.asked == [BASE_PROMPT + "Hello", BASE_PROMPT + "Hello more"]
+    assert result.stop_reason == "guide_stop"  # the base's end of text did not stop the answer
+
+
+def test_base_end_of_text_in_base_phase_ends_only_the_round():
+    base = ScriptedBase(rules({"Hello": (" a", HIGH), "a": (" b", HIGH), "b": (EOS, HIGH)},
+                              default=(" x", LOW)))
+    result = run(base, ScriptedGuide(["Hello big", " Then more"]))
+    assert pairs(result)[:2] == [("Hello", " a b"), (" Then", "")]
+    assert result.stop_reason == "guide_stop"
+    assert result.text == "Hello a b Then"
+
+
+def test_base_phase_stops_before_the_first_unsure_token_across_chunks():
+    # Confident tokens over several chunks of 2; the first unsure one is left out.
+    words = [" c1", " c2", " c3", " c4", " c5"]
+    table = {"Hello": (" c1", HIGH)}
+    for a, b in zip(words, words[1:]):
+        table[a] = (b, HIGH)
+    table[" c5"] = (" unsure", 0.3)
+    base = ScriptedBase(rules(table, default=(" x", LOW)))
+    result = run(base, ScriptedGuide(["Hello big"]), base_chunk=2)
+    assert pairs(result)[0] == ("Hello", " c1 c2 c3 c4 c5")
+    # One stream per chunk, each continuing the text so far.
+    assert base.asked == [BASE_PROMPT + "Hello", BASE_PROMPT + "Hello c1 c2", BASE_PROMPT + "Hello c1 c2 c3 c4"]
+    assert result.base_tokens == 5
+
+
+# -- step 5: repetition guards (scripted base) --------------------------------------------
+
+
+def test_chunk_already_in_this_rounds_base_text_ends_the_base_phase():
+    base = ScriptedBase(sentence(["one", "two", "three"], then_end=False))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=3)
+    # First chunk " one two three"; the second is the same text: dropped, base phase over.
+    assert pairs(result) == [("Start", " one two three"), ("", "")]
+    assert base.asked == [BASE_PROMPT + "Start", BASE_PROMPT + "Start one two three"]
+    assert result.base_tokens == 3
+    assert result.text == "Start one two three"
+
+
+@pytest.mark.parametrize("n_words, dropped", [(5, False), (6, True), (8, True)])
+def test_chunk_of_more_than_five_words_already_in_out_is_dropped(n_words, dropped):
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"][:n_words]
+    base = ScriptedBase(sentence(names))
+    result = run(base, ScriptedGuide(["Start here", " Again now"]))
+    said = "".join(" " + w for w in names)
+    assert pairs(result)[0] == ("Start", said)  # the base says its sentence, then ends
+    assert pairs(result)[1] == (" Again", "" if dropped else said)
+    assert result.base_tokens == n_words * (1 if dropped else 2)
+    assert result.stop_reason == "guide_stop"
+
+
+def test_final_text_strips_a_repeated_suffix():
+    line = " The_quick_brown_fox_jumps_over_the_lazy_dog."  # one word, 45 characters
+    base = ScriptedBase(rules({}, default=(" x", HIGH)))
+    result = run(base, ScriptedGuide([line, line]))
+    assert pairs(result) == [(line, ""), (line, ""), ("", "")]
+    assert joined(result) == line * 2
+    assert result.text == line
+    assert result.stop_reason == "guide_stop"
+
+
+# -- step 4: stop conditions (scripted) ---------------------------------------------------
+
+
+def test_repeated_nudging_stops_after_three_same_rounds():
+    base = ScriptedBase(rules({}, default=(" x", HIGH)))
+    guide = ScriptedGuide([" a", " a", " b", " a", " a", " a", " a", " a"])
+    result = run(base, guide)
+    assert result.stop_reason == "repeated_nudging"
+    assert result.nudging_words == [" a", " a", " b", " a", " a", " a"]
+    assert result.text == " a a b a a a"
+
+
+def test_max_rounds_stops():
+    base = ScriptedBase(rules({}, default=(" x", HIGH)))
+    guide = ScriptedGuide([f" w{i}" for i in range(10)])
+    result = run(base, guide, max_rounds=4)
+    assert result.stop_reason == "rounds"
+    assert len(result.rounds) == 4 and len(guide.seen) == 4
+    assert result.text == " w0 w1 w2 w3"
+
+
+def test_length_stop_counts_base_tokens_exactly():
+    base = ScriptedBase(rules({}, default=(" la", HIGH)))
+    result = run(base, ScriptedGuide([" Go on"]), max_tokens=10, base_chunk=16)
+    assert result.stop_reason == "length"
+    assert pairs(result) == [(" Go", " la" * 9)]
+    assert (result.guide_tokens, result.base_tokens, result.tokens) == (1, 9, 10)
+    assert result.guide_token_fraction == pytest.approx(0.1)
+
+
+def test_length_stop_may_overshoot_by_one_rounds_nudging_words():
+    base = ScriptedBase(rules({}, default=(" x", LOW)))  # never ready: no base phase
+    guide = ScriptedGuide([" a b c d e", " f g h i j", " k l m n o", " p q"])
+    result = run(base, guide, max_tokens=10)
+    assert result.stop_reason == "length"
+    assert result.nudging_words == [" a b c d", " f g h i", " k l m n"]
+    assert result.tokens == 12  # 8 < 10 before the last round; its 4 words pass the budget
+    assert result.tokens - base.count_tokens(result.nudging_words[-1]) < 10
+
+
+def test_length_budget_caps_the_base_phase_across_chunks():
+    # Chunks of identical words would trip the same-chunk guard: number the words instead.
+    base = ScriptedBase(lambda text: (f" t{len(text.split())}", HIGH))
+    result = run(base, ScriptedGuide([" Go on"]), max_tokens=8, base_chunk=3)
+    assert result.stop_reason == "length"
+    assert (result.guide_tokens, result.base_tokens) == (1, 7)
+    assert len(base.asked) == 3  # the check (chunk 1: 3 tokens), chunk 2 (3), chunk 3 (1)
+
+
+# -- cost ---------------------------------------------------------------------------------
+
+
+def test_prefix_reuse_changes_nothing_but_the_cost(tiny_base, tiny_guide):
+    """Nudging reads the base through streams it closes after a step or a chunk; their caches
+    must still serve the next question, which extends the same text."""
+    seen = {"tokens": 0}
+
+    def count(module, args, kwargs):
+        seen["tokens"] += kwargs["input_ids"].shape[-1]
+
+    handle = tiny_base.model.register_forward_pre_hook(count, with_kwargs=True)
+    results, tokens = {}, {}
+    try:
+        for reuse in (True, False):
+            base = LocalModel(tiny_base.model, tiny_base.tokenizer, name="b", reuse_prefix=reuse)
+            seen["tokens"] = 0
+            results[reuse] = nudge(base=base, guide=tiny_guide, request=QUESTION, max_tokens=60)
+            tokens[reuse] = seen["tokens"]
+    finally:
+        handle.remove()
+    assert pairs(results[True]) == pairs(results[False])
+    assert results[True].model_calls == results[False].model_calls
+    assert results[True].model_calls["base"] >= 5
+    assert tokens[True] < tokens[False] / 3

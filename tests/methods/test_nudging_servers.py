@@ -1,0 +1,66 @@
+"""Nudging over OpenAI-compatible servers (real llama.cpp servers on 127.0.0.1), and the
+same run on local weights of the same GGUF files.
+
+llama.cpp computes with the quantized weights and its own kernels; the local backend
+de-quantizes them to fp32 and runs transformers. Greedy texts therefore agree until the
+first near-tie that the two sets of numerics break differently: the tests pin agreement on
+the opening of the answer, not on every token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from towline.methods.nudging import nudge
+from towline.methods.single import generate_alone
+from towline.models.openai import OpenAIModel
+from towline.prompts import FAMILIES, PromptRequest
+
+pytestmark = pytest.mark.real_models
+
+REQUEST = PromptRequest(
+    question=("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+              "in May. How many clips did Natalia sell altogether in April and May?"),
+    system="Answer the question by walking through the reasoning steps.",
+    question_prefix="Question: ",
+)
+
+
+@pytest.fixture(scope="module")
+def served_base(gemma_url) -> OpenAIModel:
+    return OpenAIModel("gemma-3-270m", base_urls=[gemma_url])
+
+
+@pytest.fixture(scope="module")
+def served_guide(smol_url, smollm2_guide) -> OpenAIModel:
+    # The same template the local SmolLM2 uses, so both backends see identical prompts.
+    return OpenAIModel("smollm2-135m-instruct", base_urls=[smol_url], chat_template=smollm2_guide.chat_template)
+
+
+def test_nudging_with_both_models_behind_servers(served_base, served_guide):
+    result = nudge(base=served_base, guide=served_guide, request=REQUEST, max_tokens=64)
+    assert result.text.strip()
+    assert 0 < result.guide_token_fraction < 1
+    assert result.stop_reason in {"guide_stop", "length", "rounds", "repeated_nudging"}
+    assert result.model_calls["base"] > 0 and result.model_calls["guide"] > 0
+
+
+def test_local_and_server_agree_on_greedy_text(served_base, served_guide, gemma_base, smollm2_guide):
+    served = generate_alone(model=served_base, role="base", request=REQUEST, max_tokens=12)
+    local = generate_alone(model=gemma_base, role="base", request=REQUEST, max_tokens=12)
+    assert served.prompts == local.prompts
+    assert served.text == local.text
+
+    over_http = nudge(base=served_base, guide=served_guide, request=REQUEST, max_tokens=48)
+    on_cpu = nudge(base=gemma_base, guide=smollm2_guide, request=REQUEST, max_tokens=48)
+    assert over_http.prompts == on_cpu.prompts
+    assert over_http.rounds[:2] == on_cpu.rounds[:2]
+
+
+def test_cross_family_nudging_over_http_with_a_named_template(served_base, smol_url):
+    guide = OpenAIModel("smollm2-135m-instruct", base_urls=[smol_url])
+    result = nudge(base=served_base, guide=guide, request="What is 12 + 30?", guide_template="chatml",
+                   max_tokens=24)
+    assert result.prompts["guide"].startswith("<|im_start|>user\nWhat is 12 + 30?")
+    assert result.templates["guide"] == "family:chatml"
+    assert result.text.strip()
