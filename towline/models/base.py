@@ -68,8 +68,9 @@ class Token:
 class Step:
     """One position: the token taken there and the most likely alternatives, best first.
 
-    Log-probs are under the distribution the token was drawn from: after temperature,
-    top-k and top-p for sampled decoding, the plain softmax for greedy decoding.
+    Log-probs are under the distribution the token was drawn from: the plain softmax for
+    greedy decoding; for sampled decoding, after temperature, top-k and top-p on local
+    weights. Servers report only the raw (temperature 1) distribution, also when sampling.
 
     >>> s = Step(Token("a", math.log(0.3)), (Token("b", math.log(0.6)), Token("a", math.log(0.3))))
     >>> round(s.top1_prob, 3)

@@ -211,37 +211,35 @@ class LocalModel(Model):
         batch = _Batch(self, prompt_ids)
         generated: list[list[int]] = [[] for _ in prompts]
         finish[:] = [None] * len(prompts)
-        for position in range(max_tokens):
-            contexts = [prompt + new for prompt, new in zip(prompt_ids, generated)]
-            ids, steps = self._choose(batch.last_logits, sampling, generator, top_logprobs, contexts)
-            out: list[Step | None] = []
-            for row, (token_id, step) in enumerate(zip(ids, steps)):
-                if finish[row] is not None:
-                    out.append(None)
-                elif token_id in self.end_ids:
-                    finish[row] = "end"
-                    out.append(None)
-                else:
-                    generated[row].append(token_id)
-                    out.append(step)
-                    if stop and any(s in self._decode(generated[row]) for s in stop):
-                        finish[row] = "stop"
-            if all(s is None for s in out):
-                break
-            try:
+        try:
+            for position in range(max_tokens):
+                contexts = [prompt + new for prompt, new in zip(prompt_ids, generated)]
+                ids, steps = self._choose(batch.last_logits, sampling, generator, top_logprobs, contexts)
+                out: list[Step | None] = []
+                for row, (token_id, step) in enumerate(zip(ids, steps)):
+                    if finish[row] is not None:
+                        out.append(None)
+                    elif token_id in self.end_ids:
+                        finish[row] = "end"
+                        out.append(None)
+                    else:
+                        generated[row].append(token_id)
+                        out.append(step)
+                        if stop and any(s in self._decode(generated[row]) for s in stop):
+                            finish[row] = "stop"
+                if all(s is None for s in out):
+                    break
                 yield out
-            except GeneratorExit:
-                # Closed early (a stream read for a step or two, as nudging does): what was
-                # computed so far is still the best prefix for the next, extended prompt.
-                batch.remember()
-                raise
-            if all(f is not None for f in finish) or position == max_tokens - 1:
-                break
-            # Finished rows are fed a filler token; their outputs are ignored from now on.
-            batch.append([g[-1] if g else self.pad_id for g in generated])
-        for row in range(len(finish)):
-            finish[row] = finish[row] or "length"
-        batch.remember()
+                if all(f is not None for f in finish) or position == max_tokens - 1:
+                    break
+                # Finished rows are fed a filler token; their outputs are ignored from now on.
+                batch.append([g[-1] if g else self.pad_id for g in generated])
+            for row in range(len(finish)):
+                finish[row] = finish[row] or "length"
+        finally:
+            # Also when closed early (a stream read for a step or two, as nudging does): what
+            # was computed is still the best prefix for the next, extended prompt.
+            batch.remember()
 
     def complete(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling = GREEDY,
                  top_logprobs: int = 1, stop: Sequence[str] = ()) -> list[Completion]:
