@@ -395,6 +395,7 @@ def test_sampling_is_repeatable(tiny_base, tiny_guide):
                      guide_sampling=Sampling(temperature=1.0, seed=seed)).text
 
     assert go(5) == go(5)
+    assert go(5) != go(6)
 
 
 def test_bad_arguments(tiny_base, tiny_guide):

@@ -13,6 +13,7 @@ step, and when the answer is "ready", the same stream goes on to produce the bas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Generator
@@ -141,7 +142,8 @@ def nudge(
 
     def base_stream(text: str, limit: int) -> Generator[Step, None, None]:
         calls["base"] += 1
-        return base.stream(base_prompt.text + text, max_tokens=limit, sampling=base_sampling, top_logprobs=1)
+        return base.stream(base_prompt.text + text, max_tokens=limit, top_logprobs=1,
+                           sampling=_nth_call(base_sampling, calls["base"]))
 
     while not stop_reason:
         if len(rounds) >= max_rounds:
@@ -150,7 +152,7 @@ def nudge(
         # 1. The guide proposes.
         calls["guide"] += 1
         proposal = guide.complete([guide_prompt.text + out], max_tokens=guide_chunk,
-                                  sampling=guide_sampling, stop=guide_stop)[0]
+                                  sampling=_nth_call(guide_sampling, calls["guide"]), stop=guide_stop)[0]
         if proposal.finish_reason in ("end", "stop"):
             this_round = Round(proposal.text)
             stop_reason = "guide_stop"
@@ -190,6 +192,12 @@ def nudge(
         prompts={"base": base_prompt.text, "guide": guide_prompt.text},
         templates={"base": base_prompt.template, "guide": guide_prompt.template},
     )
+
+
+def _nth_call(sampling: Sampling, call: int) -> Sampling:
+    """A seeded run stays repeatable, but each call draws fresh random numbers (reusing one
+    seed for every call would give every call the same draws)."""
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + call)
 
 
 BaseStream = Callable[[str, int], Generator[Step, None, None]]
