@@ -40,7 +40,20 @@ def word_tokens(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+$", text)
 
 
-class ScriptedBase(Model):
+class Scripted(Model):
+    """What both scripted models share: word tokens; nudging never scores or opens states."""
+
+    def score(self, prompts, continuations, *, top_logprobs=1):
+        raise NotImplementedError
+
+    def open(self, prompts):
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(word_tokens(text))
+
+
+class ScriptedBase(Scripted):
     """A deterministic LM over word tokens: ``rule(text)`` gives the greedy next token after
     ``text`` and its probability (``(EOS, p)`` for end of text). ``asked`` records the text of
     every decoding it was asked to do."""
@@ -74,15 +87,6 @@ class ScriptedBase(Model):
     def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
         yield from self._decode(prompt, max_tokens)
 
-    def score(self, prompts, continuations, *, top_logprobs=1):
-        raise NotImplementedError
-
-    def open(self, prompts):
-        raise NotImplementedError
-
-    def count_tokens(self, text: str) -> int:
-        return len(word_tokens(text))
-
 
 def rules(table: dict[str, tuple[str | None, float]], default: tuple[str | None, float]):
     """A base rule from a table keyed by the text's ending (the longest matching key wins)."""
@@ -113,7 +117,7 @@ def sentence(words: Sequence[str], *, prob: float = 0.9, then_end: bool = True):
     return rule
 
 
-class ScriptedGuide(Model):
+class ScriptedGuide(Scripted):
     """A guide that proposes the given texts, one per call, then ends its answer."""
 
     chat_template = None
@@ -135,15 +139,6 @@ class ScriptedGuide(Model):
 
     def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
         yield from self.complete([prompt], max_tokens=max_tokens)[0].steps
-
-    def score(self, prompts, continuations, *, top_logprobs=1):
-        raise NotImplementedError
-
-    def open(self, prompts):
-        raise NotImplementedError
-
-    def count_tokens(self, text: str) -> int:
-        return len(word_tokens(text))
 
 
 def run(base: Model, guide: Model, **kwargs) -> NudgingResult:
