@@ -46,7 +46,7 @@ import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -159,7 +159,7 @@ class OpenAIModel(Model):
         return self._map(complete_one, list(enumerate(prompts)))
 
     def stream(self, prompt: str, *, max_tokens: int, sampling: Sampling = GREEDY,
-               top_logprobs: int = 1) -> Iterator[Step]:
+               top_logprobs: int = 1) -> Generator[Step, None, None]:
         if max_tokens < 1:
             return
         (url,) = self._next_urls(1)
