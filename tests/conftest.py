@@ -21,7 +21,6 @@ from towline.models.local import LocalModel
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     # Decoding is memory-bound: more threads only fight over 2 cores.
@@ -145,6 +144,7 @@ def tiny_bpe(bpe_tokenizer) -> LocalModel:
 
 SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
 READY_TIMEOUT_S = 90
+
 
 def free_port() -> int:
     with socket.socket() as probe:
