@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
-import re
 import sys
-from typing import Annotated
+import typing
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
-from towline.api import DEFAULT_BASE, DEFAULT_GUIDE, METHODS, generate
-from towline.methods.nudging import NudgingResult, Round
+from towline.api import compose, parse_option
+from towline.methods import METHODS, OptionError, Result, method_class
+from towline.methods.base import Method
 from towline.models.base import ModelError, Sampling
 from towline.prompts import PromptRequest
 
@@ -24,62 +28,62 @@ app.add_typer(models_app, name="models")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-GUIDE_STYLE = "bold magenta"
+ROLE_STYLES = {"guide": "bold magenta", "tuned": "bold magenta"}
+ROLE_SAMPLING = ("temperature", "top_p", "top_k", "seed")
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+def _fail(message: str) -> typing.NoReturn:
+    err.print(Text.assemble(("error:", "red"), " ", message))
     raise typer.Exit(2)
 
 
-@app.command("generate")
+def flag(option: str) -> str:
+    """The CLI flag of a Python option name: ``guide_template`` -> ``--guide-template``."""
+    return "--" + option.replace("_", "-")
+
+
+def _fail_option(error: OptionError) -> typing.NoReturn:
+    _fail(f"{flag(error.option)}: {error.problem}")
+
+
+@app.command("generate", context_settings=EXTRA_ARGS,
+             epilog="Method options (--gamma 0.3, --base-template chatml, ...): see `towline methods`.")
 def generate_command(
-    prompt: Annotated[str, typer.Option(help="The question or instruction.")],
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = "nudging",
-    base: Annotated[str, typer.Option(help="Base model: registry name, path, HF id or openai:MODEL@URL.")] = DEFAULT_BASE,
-    guide: Annotated[str, typer.Option(help="Guide (chat) model, same forms as --base.")] = DEFAULT_GUIDE,
+    ctx: typer.Context,
+    prompt: Annotated[str | None, typer.Option(help="The question or instruction, taken verbatim.")] = None,
+    prompt_file: Annotated[str | None, typer.Option(help="Read the question from a file ('-': standard input).")] = None,
+    method: Annotated[str, typer.Option(help="A method name (see `towline methods`).")] = "nudging",
     system: Annotated[str, typer.Option(help="System text.")] = "",
     question_prefix: Annotated[str, typer.Option(help="Put before the question, e.g. 'Question: '.")] = "",
     context: Annotated[str, typer.Option(help="Put before the question prefix.")] = "",
     answer_start: Annotated[str, typer.Option(help="Text the answer starts with.")] = "",
-    max_tokens: Annotated[int, typer.Option(min=1, help="Output budget, in base tokens.")] = 256,
-    gamma: Annotated[float, typer.Option(min=0.0, help="Nudge where the base's top-1 prob < gamma.")] = 0.4,
-    guide_chunk: Annotated[int, typer.Option(min=1, help="Tokens per guide proposal.")] = 16,
-    base_chunk: Annotated[int, typer.Option(min=1, help="Tokens per base chunk.")] = 16,
-    max_rounds: Annotated[int, typer.Option(min=1, help="Most nudging rounds.")] = 150,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Both models' temperature (0 = greedy).")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Both models' nucleus size.")] = 1.0,
-    base_temperature: Annotated[float | None, typer.Option(min=0.0, help="Overrides --temperature for the base.")] = None,
-    guide_temperature: Annotated[float | None, typer.Option(min=0.0, help="Overrides --temperature for the guide.")] = None,
-    base_top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Overrides --top-p for the base.")] = None,
-    guide_top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Overrides --top-p for the guide.")] = None,
+    temperature: Annotated[float, typer.Option(help="Every model's temperature (0 = greedy); --ROLE-temperature for one.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Every model's nucleus size; --ROLE-top-p for one.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Every model's top-k (0 = off); --ROLE-top-k for one.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Makes sampled runs repeatable.")] = None,
-    base_template: Annotated[str | None, typer.Option(help="'plain' (default), a chat family or a Jinja string.")] = None,
-    guide_template: Annotated[str | None, typer.Option(help="A chat family or Jinja string (default: the model's own).")] = None,
     show_prompt: Annotated[bool, typer.Option(help="Print each model's prompt and template first.")] = False,
-    show: Annotated[bool, typer.Option(help="Colour the words that came from the guide, live.")] = False,
+    show: Annotated[bool, typer.Option(help="Print the answer live, the guide's words in colour.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Answer one prompt with nudging, or with the base or guide alone."""
-    _quiet_libraries()
+    """Answer one prompt with a method (nudging, base-only, ...; see `towline methods`).
+
+    Text options are taken verbatim (a backslash stays a backslash); for a multi-line
+    question use --prompt-file.
+    """
     try:
-        base_sampling = Sampling(temperature=_pick(base_temperature, temperature),
-                                 top_p=_pick(base_top_p, top_p), seed=seed)
-        guide_sampling = Sampling(temperature=_pick(guide_temperature, temperature),
-                                  top_p=_pick(guide_top_p, top_p), seed=seed)
-    except ValueError as error:
-        _fail(str(error))
-    request = PromptRequest(question=unescape(prompt), system=unescape(system),
-                            question_prefix=unescape(question_prefix), context=unescape(context),
-                            answer_start=unescape(answer_start))
-    live = show and not as_json and method == "nudging"
-    try:
-        result = generate(
-            method=method, base=base, guide=guide, prompt=request, max_tokens=max_tokens,
-            base_sampling=base_sampling, guide_sampling=guide_sampling, base_template=base_template,
-            guide_template=guide_template, gamma=gamma, guide_chunk=guide_chunk, base_chunk=base_chunk,
-            max_rounds=max_rounds, on_round=_print_round if live else None,
-        )
+        cls = method_class(method)
+        shared = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+        kwargs = method_arguments(cls, ctx.args, shared)
+        question = _read_prompt(prompt, prompt_file)
+        request = PromptRequest(question=question, system=system, question_prefix=question_prefix,
+                                context=context, answer_start=answer_start)
+        _quiet_libraries()
+        live = show and not as_json
+        with compose(method=method, **kwargs) as aligned:
+            result = aligned.generate(request, on_text=_print_live if live else None)
+    except OptionError as error:
+        _fail_option(error)
     except (ModelError, ValueError) as error:
         _fail(str(error))
     if show_prompt:
@@ -88,52 +92,122 @@ def generate_command(
             err.print(text, markup=False)
         err.rule()
     if as_json:
-        payload = result.to_dict()
-        payload["method"] = method
-        print(json.dumps(payload, ensure_ascii=False))
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
     elif live:
         out.print()
         err.print(_summary(result))
-    elif show and isinstance(result, NudgingResult):
-        out.print(_coloured(result.rounds))
-        err.print(_summary(result))
     else:
         out.print(result.text, markup=False)
+    if result.stop_reason == "error":
+        err.print(Text.assemble(("error:", "red"), f" {result.error} (the partial answer is above)"))
+        raise typer.Exit(1)
 
 
-def unescape(text: str) -> str:
-    r"""Read ``\n``, ``\t`` and ``\\`` in text options as a shell user means them.
+def method_arguments(cls: type[Method], args: list[str], shared: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`towline.compose` from the CLI's method flags.
 
-    >>> unescape(r"Question: 2+2?\nAnswer:")
-    'Question: 2+2?\nAnswer:'
-    >>> unescape(r"C:\\new \frac")
-    'C:\\new \\frac'
+    ``args`` are the flags the command itself does not define: ``--ROLE MODEL``,
+    ``--ROLE-template T``, ``--ROLE-temperature/--ROLE-top-p/--ROLE-top-k/--ROLE-seed X``, and
+    the method's options (``--gamma 0.3``; ``--flag``/``--no-flag`` for true/false options).
+    ``shared`` holds the sampling settings for every role.
     """
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+    roles = [r.name for r in cls.roles]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    role_sampling: dict[str, dict[str, str]] = {r: {} for r in roles}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise OptionError("method", f"unexpected argument {arg!r}: options are written --name value")
+        name = arg[2:].replace("-", "_")
+        if name.startswith("no_") and types.get(name[3:]) is bool:
+            kwargs[name[3:]] = False
+            i += 1
+            continue
+        if name in fields and types.get(name) is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            kwargs[name] = True
+            i += 1
+            continue
+        if i + 1 == len(args):
+            raise OptionError(name, "needs a value")
+        value = args[i + 1]
+        i += 2
+        role, _, setting = name.partition("_")
+        if name in fields:
+            kwargs[name] = parse_option(cls, name, value)
+        elif name in roles or (role in roles and setting == "template"):
+            kwargs[name] = value
+        elif role in roles and setting in ROLE_SAMPLING:
+            role_sampling[role][setting] = value
+        else:
+            known = [flag(n) for n in [*fields, *roles]] + [f"--{r}-{s.replace('_', '-')}" for r in roles
+                                                           for s in ("template", *ROLE_SAMPLING)]
+            close = difflib.get_close_matches(flag(name), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else "; see `towline methods`"
+            raise OptionError(name, f"not an option of method {cls.name!r}{hint}")
+    for role, settings in role_sampling.items():
+        values = dict(shared)
+        for setting, text in settings.items():
+            values[setting] = _sampling_value(f"{role}_{setting}", setting, text)
+        try:
+            kwargs[f"{role}_sampling"] = Sampling(**values)
+        except ValueError as error:
+            # Sampling's messages start with the setting's name ("seed must be ...").
+            setting, _, problem = str(error).partition(" ")
+            raise OptionError(f"{role}_{setting}" if setting in settings else setting, problem) from None
+    return kwargs
 
 
-def _pick(specific: float | None, shared: float) -> float:
-    return shared if specific is None else specific
+def _sampling_value(option_name: str, setting: str, text: str) -> float | int:
+    try:
+        return float(text) if setting in ("temperature", "top_p") else int(text)
+    except ValueError:
+        raise OptionError(option_name, f"must be a number, got {text!r}") from None
 
 
-def _coloured(rounds: list[Round]) -> Text:
-    text = Text()
-    for r in rounds:
-        text.append(r.nudging_words, style=GUIDE_STYLE)
-        text.append(r.base_text)
-    return text
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise OptionError("prompt", "give the question with --prompt TEXT or --prompt-file PATH (- for stdin)")
+    if prompt is not None:
+        return prompt
+    if prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(prompt_file).read_text(encoding="utf-8")
+    except OSError as error:
+        raise OptionError("prompt_file", f"cannot read {prompt_file}: {error.strerror}") from None
 
 
-def _print_round(r: Round) -> None:
-    out.print(_coloured([r]), end="")
+def _print_live(piece: str, role: str) -> None:
+    out.print(Text(piece, style=ROLE_STYLES.get(role, "")), end="")
 
 
-def _summary(result: NudgingResult) -> Text:
-    return Text.assemble(
-        ("guide", GUIDE_STYLE), f" wrote {result.guide_token_fraction:.0%} of {result.tokens} tokens in "
-        f"{len(result.rounds)} rounds; stop: {result.stop_reason}; {result.seconds:.1f}s "
-        f"(final text after repetition clean-up may be shorter)",
-    )
+def _summary(result: Result) -> Text:
+    share = getattr(result, "guide_token_fraction", None)
+    parts = [f"{result.method}: {result.tokens} tokens"]
+    if share is not None:
+        parts.append(f"guide wrote {share:.0%}")
+    parts.append(f"stop: {result.stop_reason}; {result.seconds:.1f}s")
+    return Text("; ".join(parts))
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the methods, their models and their options."""
+    for cls in METHODS.values():
+        table = Table(title=f"{cls.name} — {cls.summary}", title_justify="left", show_header=True)
+        table.add_column("flag", no_wrap=True)
+        table.add_column("default")
+        table.add_column("meaning")
+        for role in cls.roles:
+            table.add_row(flag(role.name), str(role.default), role.help)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            table.add_row(flag(f.name), str(default), f.metadata.get("help", ""))
+        out.print(table)
+    out.print("Every role also takes --ROLE-template and --ROLE-temperature/--ROLE-top-p/--ROLE-top-k/--ROLE-seed.")
 
 
 def _quiet_libraries() -> None:

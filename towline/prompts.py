@@ -40,7 +40,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ALIASES", "FAMILIES", "BuiltPrompt", "PromptRequest", "build_prompt"]
+__all__ = ["ALIASES", "FAMILIES", "BuiltPrompt", "PromptRequest", "build_prompt", "check_template"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,25 @@ def build_prompt(
     if end is None:
         end = _infer_end_of_turn(jinja, tokens)
     return BuiltPrompt(text + request.answer_start, label, end)
+
+
+def check_template(template: str) -> None:
+    """Refuse a template that cannot work, before any model loads: an unknown family name or a
+    Jinja string that does not compile.
+
+    >>> check_template("chatml"); check_template("plain")
+    >>> check_template("{% for m in messages %}{{ m.content }}")
+    Traceback (most recent call last):
+    ValueError: the Jinja template does not compile (line 1: Unexpected end of template. Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'.)
+    """
+    if "{%" in template or "{{" in template:
+        try:
+            _compile(template)
+        except jinja2.TemplateSyntaxError as error:
+            raise ValueError(f"the Jinja template does not compile (line {error.lineno}: {error.message})") from None
+    elif template.lower() != "plain" and ALIASES.get(template.lower(), template.lower()) not in _BUILTIN:
+        raise ValueError(f"unknown template {template!r}: use 'plain', a family name ({_NAMES}) "
+                         "or a Jinja chat-template string")
 
 
 def _plain(request: PromptRequest) -> str:

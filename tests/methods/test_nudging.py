@@ -280,11 +280,11 @@ def test_gamma_zero_one_round_is_the_base_greedy_continuation(tiny_base, tiny_gu
     assert r.base_text == "".join(s.token.text for s in greedy.steps[:n])
 
 
-def test_gamma_above_one_base_adds_at_most_one_token_per_round(tiny_base):
+def test_gamma_one_base_adds_at_most_one_token_per_round(tiny_base):
     # Guide and base: the same model on the same prompt, so the base often agrees with the
     # guide's next word and gets a base phase; with γ > 1 it can never be confident, so every
     # base phase is exactly its first token.
-    result = nudge(base=tiny_base, guide=tiny_base, request=QUESTION, gamma=1.01,
+    result = nudge(base=tiny_base, guide=tiny_base, request=QUESTION, gamma=1.0,
                    base_template="chatml", guide_template="chatml", max_tokens=30)
     assert result.prompts["base"] == result.prompts["guide"]
     with_base = [r for r in result.rounds if r.base_text]
@@ -321,7 +321,7 @@ def test_guide_that_stops_later_keeps_its_last_text(tiny_base, tiny_guide, eos_b
     k = min(range(2, 16), key=lambda j: gaps[j] - min(gaps[:j]))
     assert gaps[k] < min(gaps[:k])
     guide = eos_biased(tiny_guide, (gaps[k] + min(gaps[:k])) / 2)
-    result = nudge(base=tiny_base, guide=guide, request=QUESTION, guide_chunk=16, gamma=1.01)
+    result = nudge(base=tiny_base, guide=guide, request=QUESTION, guide_chunk=16, gamma=1.0)
     assert result.stop_reason == "guide_stop" and len(result.rounds) == 1
     assert result.text == tiny_guide.tokenizer.decode([s.token.id for s in plain.steps[:k]])
     assert result.guide_token_fraction == 1.0 or result.tokens == 0
@@ -347,7 +347,7 @@ def test_different_tokenizers(tiny_base, tiny_bpe, bpe_tokenizer, smollm2_tokeni
     assert bpe_tokenizer.decode(bpe_tokenizer(text).input_ids) == text
     assert other.chat_template
     for base, guide in [(tiny_base, other), (other, tiny_base)]:
-        for gamma in (0.4, 0.0, 1.01):
+        for gamma in (0.4, 0.0, 1.0):
             result = nudge(base=base, guide=guide, request=QUESTION, gamma=gamma, max_tokens=30,
                            guide_chunk=6, base_chunk=6)
             assert result.stop_reason in {"length", "guide_stop", "repeated_nudging", "rounds"}
@@ -377,10 +377,11 @@ def test_result_fields(tiny_base, tiny_guide):
     assert result.nudging_words == [r.nudging_words for r in result.rounds]
 
 
-def test_on_round_sees_every_round(tiny_base, tiny_guide):
-    seen: list[Round] = []
-    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=16, on_round=seen.append)
-    assert seen == result.rounds
+def test_on_text_sees_every_round_as_it_ends(tiny_base, tiny_guide):
+    seen: list[tuple[str, str]] = []
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=16,
+                   on_text=lambda piece, role: seen.append((piece, role)))
+    assert seen == [pair for r in result.rounds for pair in ((r.nudging_words, "guide"), (r.base_text, "base"))]
 
 
 def test_sampling_is_repeatable(tiny_base, tiny_guide):

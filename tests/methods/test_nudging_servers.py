@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from towline.methods.nudging import nudge
-from towline.methods.single import generate_alone
+from towline.methods.base import Participant
+from towline.methods.single import BaseOnly
 from towline.models.openai import OpenAIModel
 from towline.prompts import FAMILIES, PromptRequest
 
@@ -46,8 +47,8 @@ def test_nudging_with_both_models_behind_servers(served_base, served_guide):
 
 
 def test_local_and_server_agree_on_greedy_text(served_base, served_guide, gemma_base, smollm2_guide):
-    served = generate_alone(model=served_base, role="base", request=REQUEST, max_tokens=12)
-    local = generate_alone(model=gemma_base, role="base", request=REQUEST, max_tokens=12)
+    served = BaseOnly(max_tokens=12).run(REQUEST, {"base": Participant(served_base)})
+    local = BaseOnly(max_tokens=12).run(REQUEST, {"base": Participant(gemma_base)})
     assert served.prompts == local.prompts
     assert served.text == local.text
 

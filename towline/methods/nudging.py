@@ -16,12 +16,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
-from towline.models.base import GREEDY, Model, Sampling, Step
-from towline.prompts import PromptRequest, build_prompt
+from towline.methods.base import (BASE, GUIDE, Method, OnText, Participant, Result, Role, between, option, positive,
+                                  register)
+from towline.models.base import GREEDY, SEED_LIMIT, Model, Sampling, Step
+from towline.prompts import PromptRequest
 
 REPEATED_CHUNK_MIN_WORDS = 5
 """A repeated base chunk is dropped only when it has more than this many words."""
@@ -35,48 +38,45 @@ class Round:
     base_text: str = ""
 
 
-@dataclass
-class NudgingResult:
-    text: str
-    stop_reason: str
-    """``guide_stop``, ``length``, ``rounds`` or ``repeated_nudging``."""
+@dataclass(kw_only=True)
+class NudgingResult(Result):
     rounds: list[Round]
     guide_tokens: int
     """Output tokens that came from the guide, counted in base tokens."""
     base_tokens: int
-    model_calls: dict[str, int]
-    seconds: float
-    prompts: dict[str, str]
-    templates: dict[str, str] = field(default_factory=dict)
 
     @property
     def nudging_words(self) -> list[str]:
         return [r.nudging_words for r in self.rounds]
 
     @property
-    def tokens(self) -> int:
-        return self.guide_tokens + self.base_tokens
-
-    @property
     def guide_token_fraction(self) -> float:
         """Share of the output's tokens (in base tokens) that came from the guide."""
         return self.guide_tokens / self.tokens if self.tokens else 0.0
 
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "stop_reason": self.stop_reason,
-            "nudging_words": self.nudging_words,
-            "rounds": [asdict(r) for r in self.rounds],
-            "guide_token_fraction": self.guide_token_fraction,
-            "tokens": self.tokens,
-            "guide_tokens": self.guide_tokens,
-            "base_tokens": self.base_tokens,
-            "model_calls": self.model_calls,
-            "seconds": self.seconds,
-            "prompts": self.prompts,
-            "templates": self.templates,
-        }
+
+@register
+@dataclass(kw_only=True)
+class Nudging(Method):
+    """SPEC §2: the base writes; where its top-1 probability drops below ``gamma``, the guide
+    inserts a few words."""
+
+    name: ClassVar[str] = "nudging"
+    summary: ClassVar[str] = "The base writes; where it is unsure, the guide inserts a few words."
+    roles: ClassVar[tuple[Role, ...]] = (BASE, GUIDE)
+
+    gamma: float = option(0.4, "Nudge where the base's top-1 probability is below gamma (0..1).")
+    guide_chunk: int = option(16, "Tokens per guide proposal.")
+    base_chunk: int = option(16, "Tokens per base chunk.")
+    max_rounds: int = option(150, "Most nudging rounds.")
+
+    def check(self) -> None:
+        between(self, "gamma", 0.0, 1.0)
+        positive(self, "guide_chunk", "base_chunk", "max_rounds")
+
+    def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
+            on_text: OnText | None = None) -> NudgingResult:
+        return _nudge(self, request, models["base"], models["guide"], on_text)
 
 
 def split_words(proposal: str) -> list[str]:
@@ -101,33 +101,29 @@ def strip_repeated_suffix(text: str, *, min_chars: int = REPEATED_SUFFIX_MIN_CHA
     return text
 
 
-def nudge(
-    *,
-    base: Model,
-    guide: Model,
-    request: PromptRequest | str,
-    gamma: float = 0.4,
-    guide_chunk: int = 16,
-    base_chunk: int = 16,
-    max_tokens: int = 256,
-    max_rounds: int = 150,
-    base_sampling: Sampling = GREEDY,
-    guide_sampling: Sampling = GREEDY,
-    base_template: str | None = None,
-    guide_template: str | None = None,
-    on_round: Callable[[Round], None] | None = None,
-) -> NudgingResult:
-    """Answer ``request`` with ``base`` nudged by ``guide``.
+def nudge(*, base: Model, guide: Model, request: PromptRequest | str, base_sampling: Sampling = GREEDY,
+          guide_sampling: Sampling = GREEDY, base_template: str | None = None,
+          guide_template: str | None = None, on_text: OnText | None = None, **options) -> NudgingResult:
+    """Answer ``request`` with ``base`` nudged by ``guide``; ``options`` are :class:`Nudging`'s.
 
-    ``on_round`` is called with each round as soon as it is done (for streaming display).
+    ``on_text(piece, role)`` gets each round's guide words and base text as soon as they are done.
     """
-    if guide_chunk < 1 or base_chunk < 1 or max_tokens < 1 or max_rounds < 1:
-        raise ValueError("guide_chunk, base_chunk, max_tokens and max_rounds must be >= 1")
     if isinstance(request, str):
         request = PromptRequest(question=request)
+    return Nudging(**options).run(
+        request, {"base": Participant(base, base_sampling, base_template),
+                  "guide": Participant(guide, guide_sampling, guide_template)}, on_text=on_text)
+
+
+def _nudge(options: Nudging, request: PromptRequest, base_part: Participant, guide_part: Participant,
+           on_text: OnText | None) -> NudgingResult:
+    gamma, guide_chunk, base_chunk = options.gamma, options.guide_chunk, options.base_chunk
+    max_tokens, max_rounds = options.max_tokens, options.max_rounds
+    base, guide = base_part.model, guide_part.model
+    base_sampling, guide_sampling = base_part.sampling, guide_part.sampling
     started = time.perf_counter()
-    base_prompt = build_prompt(request, chat=False, template=base_template)
-    guide_prompt = build_prompt(request, chat=True, template=guide_template, model_template=guide.chat_template)
+    base_prompt = base_part.prompt(request, chat=False, room=max_tokens, role="base")
+    guide_prompt = guide_part.prompt(request, chat=True, room=max_tokens, role="guide")
     guide_stop = [guide_prompt.end_of_turn] if guide_prompt.end_of_turn else []
     calls = {"base": 0, "guide": 0}
     out = ""
@@ -175,18 +171,21 @@ def nudge(
             if hit_budget:
                 stop_reason = "length"
         rounds.append(this_round)
-        if on_round:
-            on_round(this_round)
+        if on_text:
+            on_text(this_round.nudging_words, "guide")
+            on_text(this_round.base_text, "base")
         recent = [r.nudging_words for r in rounds[-REPEATED_NUDGE_ROUNDS:]]
         if not stop_reason and len(recent) == REPEATED_NUDGE_ROUNDS and len(set(recent)) == 1:
             stop_reason = "repeated_nudging"
 
     return NudgingResult(
+        method=options.name,
         text=strip_repeated_suffix(out),
         stop_reason=stop_reason,
         rounds=rounds,
         guide_tokens=guide_tokens,
         base_tokens=base_tokens,
+        tokens=guide_tokens + base_tokens,
         model_calls=calls,
         seconds=time.perf_counter() - started,
         prompts={"base": base_prompt.text, "guide": guide_prompt.text},
@@ -197,7 +196,7 @@ def nudge(
 def _nth_call(sampling: Sampling, call: int) -> Sampling:
     """A seeded run stays repeatable, but each call draws fresh random numbers (reusing one
     seed for every call would give every call the same draws)."""
-    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + call)
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=(sampling.seed + call) % SEED_LIMIT)
 
 
 BaseStream = Callable[[str, int], Generator[Step, None, None]]

@@ -3,46 +3,52 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
-from towline.models.base import GREEDY, Model, Sampling
-from towline.prompts import PromptRequest, build_prompt
-
-
-@dataclass
-class SingleResult:
-    text: str
-    stop_reason: str
-    """``end`` (the model ended its answer), ``length`` (max_tokens)."""
-    tokens: int
-    model_calls: dict[str, int]
-    seconds: float
-    prompts: dict[str, str]
-    templates: dict[str, str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from towline.methods.base import BASE, GUIDE, Method, OnText, Participant, Result, Role, register
+from towline.prompts import PromptRequest
 
 
-def generate_alone(*, model: Model, role: str, request: PromptRequest | str, max_tokens: int = 256,
-                   sampling: Sampling = GREEDY, template: str | None = None) -> SingleResult:
-    """Answer with one model: ``role="base"`` gets the plain prompt, ``role="guide"`` its
-    chat prompt (SPEC §1)."""
-    if role not in ("base", "guide"):
-        raise ValueError(f"role must be 'base' or 'guide', got {role!r}")
-    if isinstance(request, str):
-        request = PromptRequest(question=request)
-    started = time.perf_counter()
-    prompt = build_prompt(request, chat=role == "guide", template=template,
-                          model_template=model.chat_template)
-    stop = [prompt.end_of_turn] if prompt.end_of_turn else []
-    completion = model.complete([prompt.text], max_tokens=max_tokens, sampling=sampling, stop=stop)[0]
-    return SingleResult(
-        text=completion.text,
-        stop_reason="length" if completion.finish_reason == "length" else "end",
-        tokens=len(completion.steps),
-        model_calls={role: 1},
-        seconds=time.perf_counter() - started,
-        prompts={role: prompt.text},
-        templates={role: prompt.template},
-    )
+@dataclass(kw_only=True)
+class _Alone(Method):
+    """Decode with the model of the method's one role: greedy unless its sampling says otherwise."""
+
+    def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
+            on_text: OnText | None = None) -> Result:
+        (role,) = self.roles
+        participant = models[role.name]
+        started = time.perf_counter()
+        prompt = participant.prompt(request, chat=role.chat, room=self.max_tokens, role=role.name)
+        stop = [prompt.end_of_turn] if prompt.end_of_turn else []
+        completion = participant.model.complete([prompt.text], max_tokens=self.max_tokens,
+                                                sampling=participant.sampling, stop=stop)[0]
+        if on_text:
+            on_text(completion.text, role.name)
+        return Result(
+            method=self.name,
+            text=completion.text,
+            stop_reason="length" if completion.finish_reason == "length" else "end",
+            tokens=len(completion.steps),
+            model_calls={role.name: 1},
+            seconds=time.perf_counter() - started,
+            prompts={role.name: prompt.text},
+            templates={role.name: prompt.template},
+        )
+
+
+@register
+@dataclass(kw_only=True)
+class BaseOnly(_Alone):
+    name: ClassVar[str] = "base-only"
+    summary: ClassVar[str] = "The base model alone, on its plain prompt (a baseline)."
+    roles: ClassVar[tuple[Role, ...]] = (BASE,)
+
+
+@register
+@dataclass(kw_only=True)
+class GuideOnly(_Alone):
+    name: ClassVar[str] = "guide-only"
+    summary: ClassVar[str] = "The guide (chat) model alone, on its chat prompt (a baseline)."
+    roles: ClassVar[tuple[Role, ...]] = (GUIDE,)

@@ -26,6 +26,10 @@ from typing import Literal
 import numpy as np
 
 
+SEED_LIMIT = 2**63
+"""Seeds are in ``[0, SEED_LIMIT)``: what torch and servers take as a signed 64-bit integer."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick each next token. ``temperature == 0`` is greedy decoding.
@@ -40,6 +44,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -156,6 +165,8 @@ class Model(ABC):
     name: str
     chat_template: str | None = None
     """The model's own chat template (Jinja), where it ships one."""
+    context_length: int | None = None
+    """Most tokens (prompt and output together) the model attends to; None where unknown."""
 
     @abstractmethod
     def complete(

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
+from towline.sampling import draw, warp
+from towline.sampling import generator as sampling_generator
 from towline.models.base import (
     GREEDY,
     Completion,
@@ -112,6 +114,7 @@ class LocalModel(Model):
         self.reuse_prefix = reuse_prefix
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         self.device = next(model.parameters()).device
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.end_ids = _end_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
         self._prefix: _CachedPrefix | None = None
@@ -186,11 +189,8 @@ class LocalModel(Model):
     def _choose(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
                 top_logprobs: int, contexts: Sequence[Sequence[int]]) -> tuple[list[int], list[Step]]:
         """Pick one token per row and describe the distribution it came from."""
-        logprobs = torch.log_softmax(_warp(logits, sampling), dim=-1)
-        if sampling.greedy:
-            chosen = logprobs.argmax(-1)
-        else:
-            chosen = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        logprobs = torch.log_softmax(warp(logits, sampling), dim=-1)
+        chosen = draw(logprobs, sampling, generator)
         best = logprobs.topk(max(top_logprobs, 1), dim=-1)
         steps = []
         for row, (token_id, context) in enumerate(zip(chosen.tolist(), contexts)):
@@ -203,10 +203,7 @@ class LocalModel(Model):
                      top_logprobs: int, stop: Sequence[str], finish: list[str | None]) -> Iterator[list[Step | None]]:
         """The decoding loop: yields, after each position, the new step of every row (None
         for rows already finished), and fills ``finish`` with each row's finish reason."""
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None
-                                                      else int(torch.seed() % 2**63))
+        generator = sampling_generator(sampling)
         prompt_ids = [self.encode(p) for p in prompts]
         batch = _Batch(self, prompt_ids)
         generated: list[list[int]] = [[] for _ in prompts]
@@ -327,24 +324,6 @@ class _LocalDecodeState(DecodeState):
     @property
     def texts(self) -> list[str]:
         return list(self._texts)
-
-
-def _warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to raw logits (greedy leaves them as they are)."""
-    if sampling.greedy:
-        return logits
-    scores = logits / sampling.temperature
-    if sampling.top_k:
-        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -torch.inf)
-    if sampling.top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already cover top_p (the best always stays).
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, -torch.inf)
-    return scores
 
 
 def _end_token_ids(model, tokenizer) -> frozenset[int]:

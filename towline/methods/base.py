@@ -1,0 +1,229 @@
+"""One shape for every method.
+
+A method is a dataclass of its options that subclasses :class:`Method`, names the model
+roles it needs (:class:`Role`) and implements :meth:`Method.run`. Registering it with
+:func:`register` makes it known to ``towline.generate``, the CLI, the evaluation runner and
+the server at once: adding a method is one new file plus one line in
+``towline/methods/__init__.py``.
+
+Every result extends :class:`Result`; :meth:`Result.to_dict` is derived from the fields and
+public properties, so a new field shows in ``--json`` without being listed anywhere.
+
+>>> from towline.methods import METHODS
+>>> sorted(METHODS)[:3]
+['base-only', 'guide-only', 'nudging']
+>>> METHODS["nudging"](gamma=1.5)
+Traceback (most recent call last):
+towline.methods.base.OptionError: gamma: must be between 0 and 1, got 1.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from towline.models.base import GREEDY, Model, ModelError, Sampling
+from towline.prompts import BuiltPrompt, PromptRequest, build_prompt
+
+OnText = Callable[[str, str], None]
+"""Called with each piece of output text as soon as it is final, and the role that wrote it
+(``"base"``, ``"guide"``, ...): how the CLI shows an answer live and the server streams it."""
+
+STOP_REASONS = ("end", "length", "guide_stop", "rounds", "repeated_nudging", "error")
+"""``end``: the model ended its answer; ``length``: ``max_tokens``; ``guide_stop``: the
+guide ended the answer (nudging); ``rounds``: ``max_rounds``; ``repeated_nudging``: the
+same guide words four rounds running; ``error``: a model failed mid-answer (the partial
+answer is kept and ``error`` says what happened)."""
+
+
+class OptionError(ValueError):
+    """A bad option value. ``option`` is its Python name; the CLI shows it as a flag.
+
+    >>> str(OptionError("guide_template", "unknown template 'chatmll'"))
+    "guide_template: unknown template 'chatmll'"
+    """
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option}: {problem}")
+        self.option = option
+        self.problem = problem
+
+
+class PromptTooLong(ModelError):
+    """A prompt, with the room its answer needs, does not fit a model's context."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A method option with its help text (shown by ``towline methods``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Role:
+    """A model slot of a method: ``chat`` says whether its default prompt is the model's chat
+    template (SPEC §1) or plain text; ``default`` is the model used when none is given."""
+
+    name: str
+    chat: bool
+    help: str
+    default: str | None = None
+
+
+BASE = Role("base", chat=False, help="The large model being steered (plain prompt).", default="gemma-3-270m")
+GUIDE = Role("guide", chat=True, help="The small aligned chat model (chat prompt).", default="smollm2-135m-instruct")
+"""The two roles most methods share, with the bundled default models."""
+
+
+@dataclass(frozen=True)
+class Participant:
+    """An open model in one role, with how it samples and which template builds its prompt."""
+
+    model: Model
+    sampling: Sampling = GREEDY
+    template: str | None = None
+
+    def prompt(self, request: PromptRequest, *, chat: bool, room: int, role: str) -> BuiltPrompt:
+        """This model's prompt for ``request``, checked against its context: the prompt and
+        ``room`` more tokens (what the answer may add) must fit, else :class:`PromptTooLong`."""
+        built = build_prompt(request, chat=chat, template=self.template, model_template=self.model.chat_template)
+        check_fits(self.model, built.text, room=room, role=role)
+        return built
+
+
+def check_fits(model: Model, prompt: str, *, room: int, role: str) -> None:
+    """Refuse, before any decoding, a prompt that leaves no room for ``room`` more tokens."""
+    limit = model.context_length
+    if limit is None:
+        return
+    if room >= limit:
+        raise PromptTooLong(f"max_tokens {room} does not fit the {role} model {model.name}, whose "
+                            f"context is {limit} tokens: lower max_tokens")
+    length = model.count_tokens(prompt)
+    if length + room > limit:
+        raise PromptTooLong(f"the {role} prompt is {length} tokens and the answer may add {room}, "
+                            f"but the {role} model {model.name} has a context of {limit} tokens: "
+                            "shorten the prompt or lower max_tokens")
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What every method returns. Subclasses add their own fields; ``to_dict`` has them all."""
+
+    method: str
+    text: str
+    stop_reason: str
+    """One of :data:`STOP_REASONS`."""
+    tokens: int
+    """Output length, in the (base) model's tokens."""
+    model_calls: dict[str, int]
+    seconds: float
+    prompts: dict[str, str]
+    templates: dict[str, str]
+    error: str | None = None
+    """What went wrong when ``stop_reason == "error"``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field and public property, as JSON-ready values."""
+        data = dataclasses.asdict(self)
+        for name in dir(type(self)):
+            if not name.startswith("_") and isinstance(getattr(type(self), name), property):
+                data[name] = getattr(self, name)
+        return data
+
+
+@dataclass(kw_only=True)
+class Method(ABC):
+    """A decoding method: its options are the dataclass fields, checked on construction."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    roles: ClassVar[tuple[Role, ...]]
+
+    max_tokens: int = option(256, "Output budget, in base tokens; never exceeded.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _option_types(type(self))[f.name])
+        positive(self, "max_tokens")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of the method's own options (raise :class:`OptionError`)."""
+
+    @abstractmethod
+    def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
+            on_text: OnText | None = None) -> Result:
+        """Answer one request with the open models, one per role."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+
+def positive(method: Method, *names: str) -> None:
+    for name in names:
+        if getattr(method, name) < 1:
+            raise OptionError(name, f"must be at least 1, got {getattr(method, name)}")
+
+
+def between(method: Method, name: str, low: float, high: float) -> None:
+    value = getattr(method, name)
+    if not low <= value <= high:
+        raise OptionError(name, f"must be between {low:g} and {high:g}, got {value}")
+
+
+METHODS: dict[str, type[Method]] = {}
+"""Every registered method by name (``towline methods`` lists them)."""
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method known by its ``name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"two methods are named {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The method registered under ``name``; an error listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise OptionError("method", f"unknown method {name!r}: choose one of {', '.join(METHODS)}") from None
+
+
+def _option_types(cls: type[Method]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Refuse values of the wrong type, and non-finite floats, naming the option."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise OptionError(name, f"must be a finite number, got {value}")
+            return
+        if origin is list and isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(kind) or (Any,)
+            for element in value:
+                _check_type(name, element, item)
+            return
+        if origin is Any or (isinstance(origin, type) and isinstance(value, origin)
+                             and not (origin is int and isinstance(value, bool))):
+            return
+    expected = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise OptionError(name, f"must be {expected}, got {value!r}")
+
+
+_UnionType = type(int | None)

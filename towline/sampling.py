@@ -1,0 +1,61 @@
+"""Choosing the next token: temperature, top-k and top-p warping, then greedy or a random draw.
+
+One implementation for the local backend and for every method that mixes or samples
+distributions itself (logit arithmetic, beam search). Works on a batch of rows of raw
+scores (logits or log-probs: both give the same warped distribution).
+
+>>> import torch
+>>> scores = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+>>> warp(scores, Sampling(temperature=1.0, top_k=2)).softmax(-1).round(decimals=3)
+tensor([[0.6250, 0.3750, 0.0000]])
+>>> choose(scores, Sampling()).tolist()  # greedy
+[0]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from towline.models.base import SEED_LIMIT, Sampling
+
+
+def warp(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to raw scores over the last dimension; tokens
+    cut off get ``-inf``. Greedy sampling leaves the scores as they are."""
+    if sampling.greedy:
+        return scores
+    scores = scores / sampling.temperature
+    if sampling.top_k:
+        kth = scores.topk(min(sampling.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if sampling.top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        # Drop a token when the tokens before it already cover top_p (the best always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -torch.inf)
+    return scores
+
+
+def generator(sampling: Sampling) -> torch.Generator | None:
+    """The random stream of a sampled decoding: seeded when ``sampling.seed`` is set, else
+    fresh; None for greedy decoding, which draws nothing."""
+    if sampling.greedy:
+        return None
+    seed = sampling.seed if sampling.seed is not None else int(torch.seed() % SEED_LIMIT)
+    return torch.Generator().manual_seed(seed)
+
+
+def choose(scores: torch.Tensor, sampling: Sampling, rng: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row from raw scores: the argmax for greedy decoding, else a draw from
+    the warped distribution using ``rng`` (see :func:`generator`)."""
+    return draw(torch.log_softmax(warp(scores, sampling), dim=-1), sampling, rng)
+
+
+def draw(logprobs: torch.Tensor, sampling: Sampling, rng: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row from already-warped log-probs (what :func:`choose` does after
+    warping; for callers that also report the warped distribution)."""
+    if sampling.greedy:
+        return logprobs.argmax(-1)
+    return torch.multinomial(logprobs.exp(), 1, generator=rng).squeeze(-1)
