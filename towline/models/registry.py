@@ -221,11 +221,11 @@ def hub_options(source: str) -> dict:
     unreachable but the id is in the local Hub cache. Otherwise the id cannot load: a
     :class:`ModelError` at once, naming the closest registry names.
 
-    >>> hub_options("smollm2 135m")
+    >>> hub_options("smollm2 135m")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    towline.models.base.ModelError: unknown model 'smollm2 135m': it is not a registry name, an existing file or directory, or a Hugging Face id. Did you mean smollm2-135m-instruct?
-    A model is a registry name (gemma-3-270m, smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct; `towline models` lists them), a .gguf file, a local model directory, a Hugging Face id such as HuggingFaceTB/SmolLM2-135M-Instruct (needs the Hub or its local cache), or openai:MODEL@URL for an OpenAI-compatible server.
+    towline.models.base.ModelError: unknown model 'smollm2 135m': it is not ... Did you mean smollm2-135m-instruct?
+    A model is a registry name (...), a .gguf file, a local model directory, a Hugging Face id ...
     """
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -411,7 +411,8 @@ def _gguf_problem(name: str, *, full: bool) -> str | None:
     stamp = _read_json(stamp_path)
     expected = {"size": spec.size_bytes, "sha256": spec.sha256}
     # Without a record of this very file (pulled by an older towline): hash it once.
-    record = stamp if stamp and all(stamp.get(k) == v for k, v in expected.items()) else {**expected, "mtime_ns": None}
+    known = stamp and all(stamp.get(k) == v for k, v in expected.items())
+    record = stamp if known else {**expected, "mtime_ns": None}
     problem, refreshed = _check_file(path, record, full=full)
     if refreshed:
         _refresh(f"pull-{name}", stamp_path, stamp, refreshed)
