@@ -47,7 +47,7 @@ def test_corrupt_model_says_how_to_fix_it(tmp_path, monkeypatch):
     done = towline("generate", "--method", "guide-only", "--guide", "smollm2-135m-instruct", "--prompt", "Hi",
                    env={"TOWLINE_HOME": str(tmp_path)})
     assert done.returncode == 2
-    assert "corrupt" in done.stderr and "--force" in done.stderr
+    assert "damaged" in done.stderr and "towline models pull smollm2-135m-instruct" in done.stderr
 
 
 def test_bad_input_gets_a_clear_error():

