@@ -21,6 +21,16 @@ What servers give
 - ``score`` reads the prompt's log-probs from ``echo=True``, as vLLM returns them. No other
   request can make a server score text it did not generate, so a server whose echo is
   missing or wrong (checked once per URL against log-probs it generates) gets a ModelError.
+- The context length, where the server lists it: vLLM's ``/v1/models`` gives
+  ``max_model_len`` (:attr:`OpenAIModel.context_length`, asked once).
+
+Errors
+------
+Every failure is a :class:`ModelError` that names the URL and the model and says what
+happened: how many tries the client really made (it retries refused connections, timeouts,
+408/409/429 and 5xx answers ``max_retries`` times with backoff, but never a stream that has
+begun), a connection closed mid-answer, a 404 from a URL without ``/v1``, a prompt beyond
+the server's context.
 
 llama.cpp server (llama-cpp-python) quirks
 ------------------------------------------
@@ -38,6 +48,10 @@ llama.cpp server (llama-cpp-python) quirks
 - It serves one request at a time, reports most failures as HTTP 500 (the client retries
   them), and cuts a stream short when another request arrives unless started with
   ``--interrupt_requests False`` (``stream`` then raises ModelError).
+- It reports its context (``--n_ctx``) nowhere but in the error for a prompt that does not
+  fit it; :attr:`OpenAIModel.context_length` is None until then. A ``max_tokens`` beyond the
+  context is silently lowered to what fits. A stream that fails (a prompt too long) ends
+  without a word: ``stream`` then sends the request unstreamed to learn why.
 """
 
 from __future__ import annotations
