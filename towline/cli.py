@@ -17,7 +17,7 @@ from rich.text import Text
 
 from towline.api import compose, parse_option
 from towline.methods import METHODS, OptionError, Result, method_class
-from towline.methods.base import Method
+from towline.methods.base import Method, PromptTooLong
 from towline.models.base import ModelError, Sampling
 from towline.prompts import PromptRequest
 
@@ -52,7 +52,7 @@ def _fail_option(error: OptionError) -> typing.NoReturn:
 def generate_command(
     ctx: typer.Context,
     prompt: Annotated[str | None, typer.Option(help="The question or instruction, taken verbatim.")] = None,
-    prompt_file: Annotated[str | None, typer.Option(help="Read the question from a file ('-': standard input).")] = None,
+    prompt_file: Annotated[str | None, typer.Option(help="Read the question from a file ('-': standard input); its final line break is dropped.")] = None,
     method: Annotated[str, typer.Option(help="A method name (see `towline methods`).")] = "nudging",
     system: Annotated[str, typer.Option(help="System text.")] = "",
     question_prefix: Annotated[str, typer.Option(help="Put before the question, e.g. 'Question: '.")] = "",
@@ -84,6 +84,8 @@ def generate_command(
             result = aligned.generate(request, on_text=_print_live if live else None)
     except OptionError as error:
         _fail_option(error)
+    except PromptTooLong as error:
+        _fail(error.explain(flag("max_tokens")))
     except (ModelError, ValueError) as error:
         _fail(str(error))
     if show_prompt:
@@ -168,16 +170,21 @@ def _sampling_value(option_name: str, setting: str, text: str) -> float | int:
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The question, verbatim; from a file (or stdin) less the line break that ends the file."""
     if (prompt is None) == (prompt_file is None):
         raise OptionError("prompt", "give the question with --prompt TEXT or --prompt-file PATH (- for stdin)")
     if prompt is not None:
         return prompt
     if prompt_file == "-":
-        return sys.stdin.read()
-    try:
-        return Path(prompt_file).read_text(encoding="utf-8")
-    except OSError as error:
-        raise OptionError("prompt_file", f"cannot read {prompt_file}: {error.strerror}") from None
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except OSError as error:
+            raise OptionError("prompt_file", f"cannot read {prompt_file}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise OptionError("prompt_file", f"{prompt_file} is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def _print_live(piece: str, role: str) -> None:

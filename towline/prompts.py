@@ -215,19 +215,27 @@ def build_prompt(
 
 
 def check_template(template: str) -> None:
-    """Refuse a template that cannot work, before any model loads: an unknown family name or a
-    Jinja string that does not compile.
+    """Refuse a template that cannot work, before any model loads: an unknown family name, a
+    Jinja string that does not compile, or one that fails on a one-question conversation.
 
     >>> check_template("chatml"); check_template("plain")
     >>> check_template("{% for m in messages %}{{ m.content }}")
     Traceback (most recent call last):
     ValueError: the Jinja template does not compile (line 1: Unexpected end of template. Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'.)
+    >>> check_template("{{ messages[0].content.upper(1, 2) }}")
+    Traceback (most recent call last):
+    ValueError: the Jinja template fails on a one-question conversation (TypeError: str.upper() takes no arguments (2 given))
     """
     if "{%" in template or "{{" in template:
         try:
             _compile(template)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"the Jinja template does not compile (line {error.lineno}: {error.message})") from None
+        try:
+            _render(template, [{"role": "user", "content": "Hi"}])
+        except Exception as error:  # a template can raise anything Python can
+            raise ValueError(f"the Jinja template fails on a one-question conversation "
+                             f"({type(error).__name__}: {error})") from None
     elif template.lower() != "plain" and ALIASES.get(template.lower(), template.lower()) not in _BUILTIN:
         raise ValueError(f"unknown template {template!r}: use 'plain', a family name ({_NAMES}) "
                          "or a Jinja chat-template string")
