@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
-from towline.sampling import draw, warp
+from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
     GREEDY,
@@ -286,8 +286,7 @@ class LocalModel(Model):
     def _choose(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
                 top_logprobs: int, contexts: Sequence[Sequence[int]]) -> tuple[list[int], list[Step]]:
         """Pick one token per row and describe the distribution it came from."""
-        logprobs = torch.log_softmax(warp(logits, sampling), dim=-1)
-        chosen = draw(logprobs, sampling, generator)
+        chosen, logprobs = choose_with_logprobs(logits, sampling, generator)
         best = logprobs.topk(max(top_logprobs, 1), dim=-1)
         steps = []
         for row, (token_id, context) in enumerate(zip(chosen.tolist(), contexts)):
