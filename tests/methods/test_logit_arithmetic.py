@@ -286,26 +286,25 @@ def test_qwen_coder_pair_real_weights(qwen_base, qwen_small):
 
 
 @pytest.mark.real_models
-def test_cli_proxy_tuning_json_and_vocabulary_error(installed):
+def test_cli_proxy_tuning_json(installed):
     installed("smollm2-135m-instruct")
-    installed("gemma-3-270m")
-
-    def towline_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "towline.cli", "generate", *args], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-
     smol = "smollm2-135m-instruct"
-    done = towline_cli("--method", "proxy-tuning", "--base", smol, "--tuned", smol, "--untuned", smol,
-                       "--alpha", "0.5", "--prompt", "What is 12 + 30?", "--max-tokens", "6", "--json")
+    done = subprocess.run(
+        [sys.executable, "-m", "towline.cli", "generate", "--method", "proxy-tuning", "--base", smol,
+         "--tuned", smol, "--untuned", smol, "--alpha", "0.5", "--prompt", "What is 12 + 30?",
+         "--max-tokens", "6", "--json"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["alpha"] == [0.5] and result["tokens"] == 6 and result["seconds"] > 0
     assert result["model_calls"] == {"base": 6, "tuned": 6, "untuned": 6} and result["exact"] is True
-    done = towline_cli("--method", "proxy-tuning", "--base", "gemma-3-270m", "--tuned", smol, "--untuned", smol,
-                       "--prompt", "Hi")
-    assert done.returncode == 2
-    assert "the base model gemma-3-270m and the tuned model smollm2-135m-instruct use different vocabularies" \
-        in " ".join(done.stderr.split())
+
+
+@pytest.mark.real_models
+def test_gemma_and_smollm2_vocabularies_are_refused(gemma_base, smollm2_guide):
+    with pytest.raises(ModelError, match="the base model gemma-3-270m and the tuned model "
+                                         "smollm2-135m-instruct use different vocabularies"):
+        run("proxy-tuning", {"base": gemma_base, "tuned": smollm2_guide, "untuned": smollm2_guide})
 
 
 # -- over llama.cpp servers ----------------------------------------------------------------
@@ -328,12 +327,12 @@ def test_server_top_k_approximation_agrees_with_local_exact(served_smol, smollm2
     nothing, so the server run is the exact arithmetic on llama.cpp's numerics: it agrees
     with local fp32 up to the first position whose best two tokens are nearly tied."""
     models = {"base": smollm2_guide, "tuned": smollm2_guide, "untuned": smollm2_guide}
-    local = run("proxy-tuning", models, alpha=0.5, max_tokens=10)
+    local = run("proxy-tuning", models, alpha=0.5, max_tokens=8)
     served = run("proxy-tuning", {"base": served_smol, "tuned": served_smol, "untuned": served_smol},
-                 alpha=0.5, max_tokens=10, top_logprobs=SMOL_VOCABULARY)
+                 alpha=0.5, max_tokens=8, top_logprobs=SMOL_VOCABULARY)
     assert local.exact and not served.exact
     assert served.prompts == local.prompts and served.fallback_tokens == 0
-    ids, margins = reference(models, 10, alphas=[0.5])
+    ids, margins = reference(models, 8, alphas=[0.5])
     assert local.text == smollm2_guide.tokenizer.decode(ids)
     near_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(ids))
     assert near_tie >= 3, "the test prompt should open with clear choices"
@@ -341,9 +340,10 @@ def test_server_top_k_approximation_agrees_with_local_exact(served_smol, smollm2
     assert served.text.startswith(agreed)
 
 
-NEAR_TIE = 0.3
-"""Nats. llama.cpp multiplies 4-bit weights with 8-bit-quantized activations; its log-probs
-differ from fp32 transformers' by up to ~0.1 on these models."""
+NEAR_TIE = 0.5
+"""Nats. llama.cpp multiplies 4-bit weights with 8-bit-quantized activations: on SmolLM2
+Q4_1, the gap between a position's two best log-probs differs from fp32 transformers' by
+~0.1 nats typically and up to ~0.5."""
 
 
 @pytest.mark.real_models
@@ -384,7 +384,8 @@ def test_a_server_failing_mid_answer_keeps_the_partial_text(smol_gguf, tmp_path)
     try:
         _wait_until_ready(url, process, log)
         with OpenAIModel("smollm2", base_urls=[url], max_retries=0, timeout=10) as served:
-            models = {role: Participant(served) for role in ("base", "tuned", "untuned")}
+            models = {"base": Participant(served), "tuned": Participant(served, template="chatml"),
+                      "untuned": Participant(served)}
             result = METHODS["proxy-tuning"](max_tokens=10, top_logprobs=5).run(
                 REQUEST, models, on_text=stop_after_three)
     finally:
@@ -392,4 +393,4 @@ def test_a_server_failing_mid_answer_keeps_the_partial_text(smol_gguf, tmp_path)
             process.kill()
     assert result.stop_reason == "error" and result.tokens == 3
     assert result.text == "".join(pieces) and result.text
-    assert "cannot reach" in result.error and url in result.error
+    assert url in result.error

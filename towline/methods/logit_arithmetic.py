@@ -273,13 +273,17 @@ class ProxyTuning(_Mixing):
                 present, missing = (tuned, untuned) if tuned.name in given else (untuned, tuned)
                 raise OptionError(missing.name, f"--{present.name} needs --{missing.name} too")
             pairs += tuned.name in given
-        alphas = self.alpha if isinstance(self.alpha, list) else [self.alpha]
-        if len(alphas) not in (1, pairs):
-            raise OptionError("alpha", f"give one value, or one per pair ({pairs}); got {len(alphas)}")
+        given_alphas = self._given_alphas()
+        if len(given_alphas) not in (1, pairs):
+            raise OptionError("alpha", f"give one value, or one per pair ({pairs}); got {len(given_alphas)}")
+
+    def _given_alphas(self) -> list[float]:
+        return list(self.alpha) if isinstance(self.alpha, list) else [self.alpha]
 
     def alphas(self, pairs: int) -> list[float]:
-        alphas = self.alpha if isinstance(self.alpha, list) else [self.alpha]
-        return alphas * pairs if len(alphas) == 1 else list(alphas)
+        """One α per pair: a single value given applies to every pair."""
+        given = self._given_alphas()
+        return given * pairs if len(given) == 1 else given
 
     def check(self) -> None:
         super().check()
