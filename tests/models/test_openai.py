@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from towline.models.base import ModelError, Sampling
+from towline.models.base import ModelError, Sampling, Token
 from killable_server import killable_server
 from towline.models.openai import OpenAIModel
 
@@ -220,3 +220,43 @@ def test_score_matches_generation_where_echo_works(gemma):
     assert math.isclose(scored[0].logprob, sum(s.token.logprob for s in scored[0].steps))
     assert scored[1].steps == []
 
+
+
+def test_decode_state_extend_truncate_close(smol):
+    prompts = [PLAIN, SHORT_ANSWER]
+    greedy = smol.complete(prompts, max_tokens=3, top_logprobs=3)
+    drafts = [[s.token for s in greedy[0].steps], [s.token for s in greedy[1].steps[:1]]]  # ragged
+    with smol.open(prompts) as state:
+        extended = state.extend(drafts, top_logprobs=3)
+        assert [len(row) for row in extended] == [3, 1]
+        assert state.texts == [greedy[0].text, greedy[1].steps[0].token.text]
+        # Each position's distribution is the one after appending the tokens one by one.
+        for row, draft in enumerate(drafts):
+            with smol.open([prompts[row]]) as one:
+                for token, got in zip(draft, extended[row]):
+                    one.append([token])
+                    (want,) = one.next(top_logprobs=3)
+                    assert [t.text for t in got.top] == [t.text for t in want.top]
+        assert extended[0][0].top[0].text == greedy[0].steps[1].token.text
+        state.truncate([2, 1])
+        assert state.texts == [greedy[0].steps[0].token.text, ""]
+        again = state.next(top_logprobs=3)
+        assert again[0].top[0].text == greedy[0].steps[1].token.text
+        assert again[1].top[0].text == greedy[1].steps[0].token.text
+        with pytest.raises(ValueError, match="row 1 has 0 appended tokens"):
+            state.truncate([0, 1])
+        with pytest.raises(ValueError, match="takes tokens by text"):
+            state.append([5, 6])
+    with pytest.raises(ValueError, match="closed"):
+        state.next()
+
+
+def test_end_of_text_and_vocabulary_of_served_models(smol_url):
+    from towline.models import load_model
+
+    with load_model(f"openai:smollm2-135m-instruct@{smol_url}") as known, \
+            load_model(f"openai:my-model@{smol_url}") as unknown:
+        assert known.vocabulary == "smollm2-49k" and unknown.vocabulary is None
+        assert known.is_end(Token("", -0.1)) and not known.is_end(Token(" Paris", -0.1))
+    with OpenAIModel("m", base_urls=[smol_url], end_texts=["<|im_end|>"]) as tagged:  # as vLLM shows it
+        assert tagged.is_end(Token("<|im_end|>", 0.0)) and not tagged.is_end(Token("", 0.0))

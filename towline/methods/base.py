@@ -10,8 +10,8 @@ Every result extends :class:`Result`; :meth:`Result.to_dict` is derived from the
 public properties, so a new field shows in ``--json`` without being listed anywhere.
 
 >>> from towline.methods import METHODS
->>> sorted(METHODS)[:3]
-['base-only', 'guide-only', 'nudging']
+>>> {"nudging", "base-only", "guide-only"} <= set(METHODS)
+True
 >>> METHODS["nudging"](gamma=1.5)
 Traceback (most recent call last):
 towline.methods.base.OptionError: gamma: must be between 0 and 1, got 1.5
@@ -23,7 +23,7 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -88,12 +88,14 @@ def option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Role:
     """A model slot of a method: ``chat`` says whether its default prompt is the model's chat
-    template or plain text; ``default`` is the model used when none is given."""
+    template (SPEC §1) or plain text; ``default`` is the model used when none is given. An
+    optional role (``required=False``, no default) is simply left out when no model is given."""
 
     name: str
     chat: bool
     help: str
     default: str | None = None
+    required: bool = True
 
 
 BASE = Role("base", chat=False, help="The large model being steered (plain prompt).", default="gemma-3-270m")
@@ -176,6 +178,10 @@ class Method(ABC):
 
     def check(self) -> None:
         """Range checks of the method's own options (raise :class:`OptionError`)."""
+
+    def check_roles(self, given: Collection[str]) -> None:
+        """Checks that depend on which roles have a model (``given``: their names), made
+        before any model loads; for methods with optional roles (raise :class:`OptionError`)."""
 
     @abstractmethod
     def run(self, request: PromptRequest, models: Mapping[str, Participant], *,

@@ -69,7 +69,7 @@ from typing import Any
 import openai
 
 from towline.models.base import (GREEDY, Completion, DecodeState, Distribution, FinishReason, Model,
-                                 ModelError, Sampling, Scored, Step, Token)
+                                 ModelError, Sampling, Scored, Step, Token, row_counts)
 
 NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "min_p": 0.0}
 """Sent with every request: switches off llama.cpp's default penalties; other servers agree."""
@@ -85,16 +85,22 @@ class OpenAIModel(Model):
 
     ``api_key`` falls back to ``$OPENAI_API_KEY``, then to ``"EMPTY"`` (local servers);
     ``timeout`` (seconds) and ``max_retries`` (with backoff, on 429/5xx/connection errors)
-    apply to every request.
+    apply to every request. ``vocabulary`` names the served model's vocabulary (see
+    :attr:`Model.vocabulary`; ``load_model`` sets it for registry names); ``end_texts`` are
+    the texts its end-of-text tokens show as: ``""`` on llama.cpp, the tags (such as
+    ``"<|im_end|>"``) on vLLM.
     """
 
     def __init__(self, model: str, *, base_urls: Sequence[str], api_key: str | None = None,
                  timeout: float = 120, max_retries: int = 5, max_concurrency: int = 4,
-                 extra_body: dict | None = None, chat_template: str | None = None) -> None:
+                 extra_body: dict | None = None, chat_template: str | None = None,
+                 vocabulary: str | None = None, end_texts: Sequence[str] = ("",)) -> None:
         if not base_urls:
             raise ValueError("base_urls must name at least one server")
         self.name = model
         self.chat_template = chat_template
+        self.vocabulary = vocabulary
+        self.end_texts = frozenset(end_texts)
         self.extra_body = {**NEUTRAL_SAMPLING, **(extra_body or {})}
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self._clients = {url: openai.OpenAI(base_url=url, api_key=key, timeout=timeout,
@@ -367,29 +373,73 @@ class OpenAIModel(Model):
 
 
 class _ServerDecodeState(DecodeState):
-    """Rows of text; each :meth:`next` sends one ``max_tokens=1`` request per row."""
+    """Rows of text; each distribution costs one ``max_tokens=1`` request on ``prompt + text``.
+
+    A server keeps no state between requests that towline could address, so ``extend`` sends
+    one request per new position (concurrently) and ``truncate`` just forgets text. The
+    server tokenizes ``prompt + text`` afresh each time, which may merge appended tokens
+    differently from how they were taken.
+    """
 
     def __init__(self, model: OpenAIModel, prompts: Sequence[str]) -> None:
         self._model = model
         self._prompts = list(prompts)
-        self._texts = [""] * len(self._prompts)
+        self._pieces: list[list[str]] | None = [[] for _ in self._prompts]
+
+    def _rows(self) -> list[list[str]]:
+        if self._pieces is None:
+            raise ValueError("this DecodeState is closed")
+        return self._pieces
+
+    def _texts_of(self, rows: Sequence[Sequence[Token | int]]) -> list[list[str]]:
+        if len(rows) != len(self._rows()):
+            raise ValueError(f"tokens for {len(rows)} rows, but the state has {len(self._rows())}")
+        if any(isinstance(token, int) for row in rows for token in row):
+            raise ValueError(f"model {self._model.name} is served over HTTP, which takes tokens by "
+                             "text: append Tokens taken from its distributions, not ids")
+        return [[token.text for token in row] for row in rows]
 
     def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
-        rows = [prompt + text for prompt, text in zip(self._prompts, self._texts)]
+        rows = [prompt + "".join(pieces) for prompt, pieces in zip(self._prompts, self._rows())]
         return self._model._next_distributions(rows, top_logprobs)
 
-    def append(self, tokens: Sequence[Token]) -> None:
-        if len(tokens) != len(self._texts):
-            raise ValueError(f"{len(tokens)} tokens for {len(self._texts)} rows")
-        self._texts = [text + token.text for text, token in zip(self._texts, tokens)]
+    def append(self, tokens: Sequence[Token | int]) -> None:
+        for pieces, (text,) in zip(self._rows(), self._texts_of([[t] for t in tokens])):
+            pieces.append(text)
+
+    def extend(self, tokens: Sequence[Sequence[Token | int]], *,
+               top_logprobs: int = 20) -> list[list[Distribution]]:
+        new = self._texts_of(tokens)
+        texts = [prompt + "".join(pieces) for prompt, pieces in zip(self._prompts, self._rows())]
+        queries = [(row, texts[row] + "".join(added[: k + 1])) for row, added in enumerate(new)
+                   for k in range(len(added))]
+        found = self._model._next_distributions([text for _, text in queries], top_logprobs)
+        out: list[list[Distribution]] = [[] for _ in new]
+        for (row, _), distribution in zip(queries, found):
+            out[row].append(distribution)
+        for pieces, added in zip(self._rows(), new):
+            pieces.extend(added)
+        return out
+
+    def truncate(self, counts: int | Sequence[int]) -> None:
+        rows = self._rows()
+        for row, count in enumerate(row_counts(counts, len(rows))):
+            if count > len(rows[row]):
+                raise ValueError(f"row {row} has {len(rows[row])} appended tokens; cannot roll back "
+                                 f"{count} (the prompt stays)")
+            del rows[row][len(rows[row]) - count:]
 
     def reorder(self, rows: Sequence[int]) -> None:
+        pieces = self._rows()
         self._prompts = [self._prompts[row] for row in rows]
-        self._texts = [self._texts[row] for row in rows]
+        self._pieces = [list(pieces[row]) for row in rows]
 
     @property
     def texts(self) -> list[str]:
-        return list(self._texts)
+        return ["".join(pieces) for pieces in self._rows()]
+
+    def close(self) -> None:
+        self._pieces = None
 
 
 def _context_of(listing: Any, name: str) -> int | None:
