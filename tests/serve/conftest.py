@@ -48,6 +48,12 @@ def uncached(model: LocalModel, name: str) -> LocalModel:
 
 
 @pytest.fixture(scope="session")
+def no_prefix_cache() -> Callable[[LocalModel, str], LocalModel]:
+    """``no_prefix_cache(model, name)``: see :func:`uncached`."""
+    return uncached
+
+
+@pytest.fixture(scope="session")
 def serve() -> Iterator[Callable[..., str]]:
     """``serve(models, composites, **options)``: a server for the rest of the session; returns its URL."""
     with ExitStack() as stack:

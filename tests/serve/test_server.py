@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import running, uncached
 from towline.models.base import GREEDY, Sampling
 from towline.models.openai import OpenAIModel
 from towline.prompts import PromptRequest, Turn, build_prompt
@@ -159,9 +158,9 @@ def test_chat_stream_opens_with_the_role_and_matches_one_response(client):
     assert chunks[-1].finish_reason == whole.finish_reason
 
 
-def test_min_tokens_keeps_the_end_of_text_out_for_towline_decode_states(serve, guide, eos_biased):
+def test_min_tokens_keeps_the_end_of_text_out_for_towline_decode_states(serve, guide, eos_biased, no_prefix_cache):
     # A model whose end-of-text logit is raised by 50 ends every text at once.
-    ending = uncached(eos_biased(guide, 50.0), "ending")
+    ending = no_prefix_cache(eos_biased(guide, 50.0), "ending")
     url = serve({"ending": ending})
     with openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
         assert client.completions.create(model="ending", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text == ""

@@ -272,8 +272,10 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
         if isinstance(entry, LocalEntry):
             plan = await asyncio.to_thread(plan_completion, entry.model, entry.words, body)
         else:
+            # Without max_tokens a composite keeps its own budget, not the completions default of 16.
+            budget = body.max_tokens if "max_tokens" in body.model_fields_set else None
             plan = plan_composite(entry.name, entry.aligned, body, [PromptRequest(question=p) for p in body.prompts],
-                                  body.max_tokens)
+                                  budget)
         return await answer(request, entry, body, plan, chat=False, started=started)
 
     @app.post("/v1/chat/completions")

@@ -25,7 +25,7 @@ def serve_command(
                           "Repeatable.")] = [],  # noqa: B006
     config: Annotated[Path | None, typer.Option(help="A TOML file listing models and compose tables (see docs/serving.md).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
     api_key: Annotated[str | None, typer.Option(
         envvar="TOWLINE_API_KEY", help="Require 'Authorization: Bearer KEY' (or set $TOWLINE_API_KEY).")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body taken.")] = 4 << 20,
@@ -38,8 +38,8 @@ def serve_command(
     from towline.serve.app import create_app
     from towline.serve.config import ConfigError, ServeConfig, open_all, parse_compose, parse_model, read_config
 
-    if not 0 < port < 65536:
-        _fail(f"--port must be between 1 and 65535, got {port}")
+    if not 0 <= port < 65536:
+        _fail(f"--port must be between 0 and 65535, got {port}")
     if max_body_bytes < 1024 or max_pending < 1:
         _fail("--max-body-bytes must be at least 1024 and --max-pending at least 1")
     try:
@@ -59,8 +59,8 @@ def serve_command(
         app = create_app(opened.models, opened.composites, api_key=api_key, max_body_bytes=max_body_bytes,
                          max_pending=max_pending)
         names = [*opened.models, *opened.composites]
-        err.print(f"serving {', '.join(names)} at http://{host}:{port}/v1"
-                  f"{' (API key required)' if api_key else ''}", markup=False)
+        where = f" at http://{host}:{port}/v1" if port else ""  # for port 0, uvicorn's next line names the port
+        err.print(f"serving {', '.join(names)}{where}{' (API key required)' if api_key else ''}", markup=False)
         if not api_key and not _is_loopback(host):
             err.print(Text.assemble(("warning:", "yellow"), f" listening on {host} without --api-key: anyone who "
                                     "can reach this port can use the models"))
