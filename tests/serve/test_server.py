@@ -76,18 +76,19 @@ def test_echo_scores_the_prompt_with_none_for_its_first_token(client, base):
     assert only_prompt.usage.completion_tokens == 0
 
 
-def test_stream_gives_the_same_text_and_logprobs_as_one_response(client):
-    kwargs = dict(model="tiny-base", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+@pytest.mark.parametrize("echo", [False, True])
+def test_stream_gives_the_same_text_and_logprobs_as_one_response(client, echo):
+    kwargs = dict(model="tiny-base", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2, echo=echo)
     whole = client.completions.create(**kwargs).choices[0]
     chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     choices = [c.choices[0] for c in chunks[:-1]]
     assert "".join(c.text for c in choices) == whole.text
+    assert whole.text.startswith(PROMPT) == echo
     assert [c.finish_reason for c in choices] == [None] * (len(choices) - 1) + ["length"]
-    tokens = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
-    offsets = [o for c in choices if c.logprobs for o in c.logprobs.text_offset]
-    assert tokens == whole.logprobs.tokens
-    assert offsets == whole.logprobs.text_offset
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [x for c in choices if c.logprobs for x in getattr(c.logprobs, field)]
+        assert streamed == getattr(whole.logprobs, field)
 
 
 def test_stop_string_cuts_the_text_and_is_reported(client, base):
