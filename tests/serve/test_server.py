@@ -342,7 +342,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_decoding(serve, base):
     assert follow.status_code == 200
     abandoned, _ = model.produced
     assert 3 <= abandoned < budget / 2
-    left = 'towline_requests_total{endpoint="completions",model="counting",status="499"} 1.0'
+    left = 'towline_requests_total{endpoint="/v1/completions",model="counting",status="499"} 1.0'
     assert eventually(lambda: left in httpx.get(url + "/metrics").text)
 
 
@@ -362,10 +362,11 @@ def test_metrics_count_requests_tokens_and_latency(url, client):
     text = httpx.get(url + "/metrics").text
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
-    assert values['towline_requests_total{endpoint="completions",model="tiny-base",status="200"}'] >= 1
+    assert values['towline_requests_total{endpoint="/v1/completions",model="tiny-base",status="200"}'] >= 1
+    assert values['towline_requests_total{endpoint="/v1/completions",model="",status="400"}'] >= 1
     assert values['towline_generation_tokens_total{model="tiny-base"}'] >= 3
     assert values['towline_prompt_tokens_total{model="tiny-base"}'] >= len(PROMPT.split())
-    assert values['towline_request_seconds_count{endpoint="completions",model="tiny-base"}'] >= 1
+    assert values['towline_request_seconds_count{endpoint="/v1/completions",model="tiny-base"}'] >= 1
     assert values['towline_requests_in_flight{model="tiny-base"}'] == 0
     assert not any(math.isnan(v) for v in values.values())
     assert httpx.get(url + "/health").json() == {"status": "ok"}

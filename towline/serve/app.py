@@ -83,11 +83,15 @@ class Metrics:
     """Prometheus metrics of one app, in a registry of its own (several apps may share a process)."""
 
     def __init__(self) -> None:
+        # Without this every counter and histogram also shows a *_created timestamp series
+        # (process-wide setting; nothing else in towline uses prometheus_client).
+        prometheus_client.disable_created_metrics()
         kw: dict[str, Any] = {"registry": prometheus_client.CollectorRegistry()}
         self.registry = kw["registry"]
         P = prometheus_client
-        self.requests = P.Counter("towline_requests", "Requests answered, by HTTP status (499: client left).",
-                                  ("model", "endpoint", "status"), **kw)
+        self.requests = P.Counter("towline_requests", "Requests, by HTTP status (499: the client left; "
+                                  "model \"\": refused before reaching a model).", ("model", "endpoint", "status"),
+                                  **kw)
         self.latency = P.Histogram("towline_request_seconds", "Time from the request to its last byte.",
                                    ("model", "endpoint"), buckets=_BUCKETS, **kw)
         self.first_text = P.Histogram("towline_time_to_first_token_seconds", "Time from the request to its first "
@@ -197,6 +201,8 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        if not error.counted:  # refused before it reached a model
+            metrics.requests.labels("", request.url.path, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -300,7 +306,7 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
         job = Job(plan.work, entry.locks, name=f"towline-{entry.name}")
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         shape = Shape(chat=chat, model=entry.name, plan=plan)
-        endpoint = "chat" if chat else "completions"
+        endpoint = request.url.path
         outcome = {"status": CLIENT_CLOSED}  # until the answer is complete
         closed = False
 
@@ -332,7 +338,7 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
             raise
         except BaseException as error:
             failure = _as_api_error(error)
-            outcome["status"] = failure.status
+            outcome["status"], failure.counted = failure.status, True
             close()
             raise failure from None
         if first is not None:
@@ -351,7 +357,7 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
                 raise
             except BaseException as error:
                 failure = _as_api_error(error)
-                outcome["status"] = failure.status
+                outcome["status"], failure.counted = failure.status, True
                 raise failure from None
             finally:
                 close()

@@ -18,8 +18,8 @@ Text is what ``LocalModel.complete`` returns: the decoded token ids, cut before 
 stop string. A stream hands out that text as it becomes final, holding back a tail that may
 still turn into a stop string or that ends inside a multi-byte character.
 
->>> held_back("The answer is 4 <|e", ["<|end|>"], 0)
-4
+>>> held_back("The answer is 4 <|e", ["<|end|>"], 0), held_back("caf\ufffd", [], 0)
+(3, 1)
 >>> first_stop("a, b. c", [".", ","], 0)
 (1, ',')
 """

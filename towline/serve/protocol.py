@@ -83,6 +83,8 @@ class ApiError(Exception):
         self.message = message
         self.status = status
         self.param = param
+        self.counted = False
+        """Whether the metrics have counted the request already."""
 
     def body(self) -> dict[str, Any]:
         """The error as vLLM writes it: ``{"error": {message, type, param, code}}``."""
