@@ -116,7 +116,7 @@ def test_serve_refuses_mistakes_before_loading_anything(args, message):
 # -- a real server process ---------------------------------------------------------------------
 
 def test_sigterm_lets_the_answer_in_flight_finish_then_exits(tiny_dir, tmp_path, tiny_base):
-    budget = 1000
+    budget = 400
     (expected,) = tiny_base.complete(["Hi"], max_tokens=budget)
     log = tmp_path / "serve.log"
     compose = f"aligned=nudging(base=tiny, guide={tiny_dir}, gamma=0.4)"
