@@ -66,7 +66,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "include_stop_str_in_output": (None, False),
     "continue_final_message": (None, False),
     "add_generation_prompt": (None, True),
-    "echo_chat": (None, False),
 }
 """Parameters vLLM knows that this server does not implement."""
 
