@@ -20,11 +20,13 @@ from towline.methods import METHODS, OptionError, Result, method_class
 from towline.methods.base import Method, PromptTooLong
 from towline.models.base import ModelError, Sampling
 from towline.prompts import PromptRequest
+from towline.serve.cli import serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inference-time alignment by guided decoding.")
 models_app = typer.Typer(help="List and install the bundled offline models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+app.command("serve")(serve_command)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
