@@ -130,6 +130,7 @@ def plot_gamma(summary: Summary, columns: list[Column], path: Path) -> Path | No
         left.plot(gammas, [100 * a if a is not None else float("nan") for a in accuracy], "o-", label=method)
         right.plot(gammas, [100 * s if s is not None else float("nan") for s in share], "o-", label=method)
     for axis, title in ((left, "average accuracy (%)"), (right, "guide share of output tokens (%)")):
+        axis.set_ylim(-2, 102)
         axis.set_xlabel("γ (gamma)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
