@@ -84,3 +84,22 @@ def test_a_killed_run_resumes_without_losing_or_redoing_items(installed, tmp_pat
     assert summary["complete"] and summary["cells"]["base-only"]["gsm8k"]["n"] == 10
     assert "gsm8k" in done.stdout and "average" in done.stdout
     assert (out / "summary.md").read_text().startswith("| task | base-only |")
+
+
+@pytest.mark.real_models
+def test_ctrl_c_stops_at_once_and_keeps_the_finished_items(installed, tmp_path):
+    installed("gemma-3-270m")
+    out = tmp_path / "x"
+    process = subprocess.Popen([sys.executable, "-m", "towline.cli", "eval", "--dataset", "arc_challenge", "--method",
+                                "base-only", "--max-tokens", "64", "-n", "5", "--out", str(out)],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 600
+    while not (results.exists() and complete_lines(results)):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "--resume" in stderr
+    assert 1 <= len(complete_lines(results)) < 5

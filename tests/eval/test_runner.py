@@ -137,3 +137,15 @@ def test_summary_reports_rule_judge_agreement():
     assert cell["agreement"] == pytest.approx(2 / 3) and cell["judge_unparsed"] == 1
     assert cell["accuracy"] == 0.5 and cell["judge_accuracy"] == pytest.approx(2 / 3)
     assert ("rule = judge", ["67%"]) in summary.footer()
+
+
+@pytest.mark.real_models
+def test_a_server_model_takes_several_items_at_once(gemma_url, tmp_path):
+    spec = f"openai:gemma-3-270m@{gemma_url}"
+    run = EvalConfig(datasets=("arc_challenge",), methods={"base-only": {"base": spec, "max_tokens": 4}}, num_samples=4)
+    evaluate(run, tmp_path / "one", workers=1)
+    summary = evaluate(run, tmp_path / "three", workers=3)
+    one = {r["id"]: r["result"]["text"] for r in lines(tmp_path / "one")}
+    three = {r["id"]: r["result"]["text"] for r in lines(tmp_path / "three")}
+    assert one == three and len(three) == 4  # greedy answers, whatever the concurrency
+    assert summary.cells["base-only"]["arc_challenge"]["model_calls"] == {"base": 4}

@@ -9,6 +9,7 @@ models included, so all three share the same loaded base and guide.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -172,6 +173,10 @@ def eval_command(
                     "answer_start": answer_start})
         _quiet_libraries()
         summary = evaluate(config, out_dir, workers=workers, resume=resume, progress=_progress)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the finished items are saved in {out_dir}; add --resume to go on", markup=False)
+        # Every finished item is already fsynced; do not wait for the items in flight.
+        os._exit(130)
     except OptionError as error:
         from towline.cli import flag
 

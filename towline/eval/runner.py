@@ -302,7 +302,9 @@ def evaluate(config: EvalConfig, out: str | Path, *, workers: int = 1, resume: b
         todo = [job for job in jobs if job.key not in done]
         with ExitStack() as stack:
             models = _Models(stack)
-            composed = {name: _compose(stack, models, name, kwargs) for name, kwargs in config.methods.items()}
+            needed = {job.method for job in todo}  # a finished run loads no model
+            composed = {name: _compose(stack, models, name, kwargs) for name, kwargs in config.methods.items()
+                        if name in needed}
             overrides = {k: v for k, v in config.prompt.items() if v is not None}
             callback_factory = progress or _no_progress
             with callback_factory(len(jobs) - len(todo), len(jobs)) as on_record:

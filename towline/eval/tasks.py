@@ -1,5 +1,5 @@
-"""The evaluation tasks: each data set with its prompt (SPEC §5), its answer checker and how a
-judge scores it.
+"""The evaluation tasks: each data set with its prompt (as the nudging paper builds it), its
+answer checker and how a judge scores it.
 
 >>> task = TASKS["mmlu"]
 >>> row = {"id": "1", "question": "2+2?\\nA. 4\\nB. 5", "answer": "A", "answer_text": "A. 4",
