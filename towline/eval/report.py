@@ -239,6 +239,14 @@ def _summary_html(summary: Summary) -> str:
     return f'<table class="summary"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
+def _gold_html(record: dict[str, Any]) -> str:
+    answer, gold = str(record.get("answer", record["gold"])), str(record["gold"])
+    shown = f"<div class='meta'>answer: <b>{html.escape(answer)}</b></div>"
+    if gold != answer:
+        shown += f"<details class='meta'><summary>gold answer shown to a judge</summary><pre>{html.escape(gold)}</pre></details>"
+    return shown
+
+
 def render_html(summary: Summary, columns: list[Column], tasks: list[str]) -> str:
     """One page, no outside files: the table, then every item of every task with each
     column's answer (guide words highlighted), what the checker read and the judge's verdict."""
@@ -261,8 +269,7 @@ def render_html(summary: Summary, columns: list[Column], tasks: list[str]) -> st
             question = (first.get("context") or "") + first["question"]
             parts.append(f"<details><summary>{marks} <b>{html.escape(item)}</b> "
                          f"<span class='meta'>{html.escape(first['question'][:110])}</span></summary>"
-                         f"<pre>{html.escape(question)}</pre><div class='meta'>gold: "
-                         f"{html.escape(str(first['gold']))}</div><div class='answers'>"
+                         f"<pre>{html.escape(question)}</pre>{_gold_html(first)}<div class='answers'>"
                          + "".join(_answer_html(c, found.get(item)) for c, found in zip(columns, by_column))
                          + "</div></details>")
     parts.append("</body></html>")

@@ -401,7 +401,8 @@ def _record(job: Job, outcome: Outcome, overrides: dict[str, str]) -> dict[str, 
         score = judged.get("score")
     return {
         "method": job.method, "task": job.task.name, "id": job.row["id"], "index": job.index,
-        "question": job.row["question"], "context": request.context, "gold": job.task.gold(job.row),
+        "question": job.row["question"], "context": request.context, "answer": job.row["answer"],
+        "gold": job.task.gold(job.row),
         "correct": correct, "score": score, "rule": rule, "judge": judged,
         "error": outcome.error, "result": outcome.result,
     }
