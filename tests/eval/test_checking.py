@@ -65,6 +65,17 @@ NUDGING_GSM8K = ("To solve this question, we need to break down the problem into
                  "eggs.\n\n16 eggs are sold per day, so we can calculate the number of eggs she sells per day as "
                  "16 * 12 = 192 eggs.")
 NUDGING_ARC = "A. is a form of bacteria.\nB. is a form of bacteria.\nC."
+NUDGING_ARC_LIST = ("A. is a form of bacteria.\nB. is a form of bacteria.\nC. is a form of eukaryotic cell.\n"
+                    "D. lacks an organized nucleus.")
+NUDGING_ARC_RECITAL = ("A. environmental impact and mass\nB. cost and environmental impact\nC. strength and cost\n"
+                       "D. mass and strength\nA. environmental impact and mass\nB. cost and environmental impact\n"
+                       "C. strength and")
+GUIDE_ARC_LONG = ("A. environmental impact and mass\n\nThe primary factors to consider when designing a glider to "
+                  "cover a large distance are environmental impact and mass. This is because gliders are designed "
+                  "to be lightweight and can be designed to be more efficient in terms of fuel efficiency and weight "
+                  "reduction. This is also a requirement for the design of aircraft, as it requires minimizing the "
+                  "amount of fuel consumed and reducing the overall carbon footprint of the aircraft.\n\n"
+                  "B. cost and cost-effectiveness\n")
 
 
 def test_math_reads_the_final_number_before_a_made_up_question():
@@ -95,11 +106,14 @@ def test_choice_without_an_answer_is_wrong():
     assert check("arc_challenge", "Mercury_7141908", BASE_ARC_EMPTY) == checking.Check(False, None)
 
 
-def test_choice_skips_recited_options():
+def test_a_list_of_options_chooses_nothing():
     item = row("arc_challenge", "Mercury_7141908")
     recital = "\n".join(item["question"].splitlines()[1:]) + "\nSo it is made of multiple cells."
     assert checking.check_choice(recital, item) == checking.Check(True, "C")
-    assert check("arc_challenge", "Mercury_7141908", NUDGING_ARC).extracted == "C"
+    assert check("arc_challenge", "Mercury_7141908", NUDGING_ARC_LIST) == checking.Check(False, None)
+    assert check("arc_challenge", "Mercury_7120908", NUDGING_ARC_RECITAL) == checking.Check(False, None)
+    assert check("arc_challenge", "Mercury_7120908", GUIDE_ARC_LONG) == checking.Check(False, "A")  # argued for A
+    assert check("arc_challenge", "Mercury_7141908", NUDGING_ARC).extracted == "C"  # a lone last line
 
 
 def test_labels_yes_no_true_false():

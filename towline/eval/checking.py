@@ -128,8 +128,8 @@ def _options(row: Row) -> tuple[list[str], list[str]]:
 
 def check_choice(text: str, row: Row) -> Check:
     """The option the answer picks, by its label (``B``, ``(B)``, ``B.``) or its text, against
-    the gold label. Where the answer recites two or more of the question's option lines,
-    those lines are skipped.
+    the gold label. Where the answer lists options (lines starting with two or more
+    different labels), those lines are skipped.
 
     >>> row = {"question": "Q\\nA. 4\\nB. 8", "answer": "B", "choices": ["4", "8"]}
     >>> check_choice("A. 4\\nB. 8\\nThe answer is 8.", row)
@@ -140,12 +140,12 @@ def check_choice(text: str, row: Row) -> Check:
     labels, texts = _options(row)
     if not labels:
         raise ValueError(f"row {row.get('id')!r} has no options to choose from")
-    options = {f"{label}. {option}".lower() for label, option in zip(labels, texts)}
-    if len({line.strip().lower() for line in text.splitlines()} & options) > 1:
-        # The answer recites the options: those lines choose nothing. (One option line alone
-        # is how small models often state their choice, so it stays.)
-        text = "\n".join(line for line in text.splitlines() if line.strip().lower() not in options)
     label_group = "|".join(re.escape(label) for label in labels)
+    listed = re.compile(rf"^\s*[\(\[]?({label_group})[\.\)\]]\s")
+    if len({m.group(1) for line in text.splitlines() if (m := listed.match(line))}) > 1:
+        # The answer lists options (recited or made up): a list chooses nothing. One option
+        # line alone is how small models often state their choice, so it stays.
+        text = "\n".join(line for line in text.splitlines() if not listed.match(line))
     by_label = [(m.start(1), m.group(1)) for m in
                 re.finditer(rf"(?<![\w])[\(\[*]*({label_group})(?:[\.\):\]*]|(?=\s*$)|(?=\s+is\b))", text,
                             re.MULTILINE)]
