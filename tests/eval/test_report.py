@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,3 +73,16 @@ def test_guide_words_are_marked_only_up_to_the_final_text():
                                                    {"nudging_words": " Step", "base_text": " one. Step one."}]}
     assert highlighted(result) == '<mark class="guide">Step</mark> one.<mark class="guide"> Step</mark>'
     assert highlighted({"text": "a < b"}) == "a &lt; b"
+
+
+def test_recheck_scores_stored_answers_with_todays_checkers(sweep, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(sweep / "x", run)
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    stale = [{**r, "correct": not r["correct"], "rule": {"correct": not r["correct"], "extracted": "?"}}
+             for r in records]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    fresh = build_report([sweep / "x"], tmp_path / "fresh").summary
+    assert build_report([run], tmp_path / "stale").summary.average != fresh.average
+    rechecked = build_report([run], tmp_path / "rechecked", recheck=True).summary
+    assert rechecked.average == fresh.average and rechecked.cells == fresh.cells

@@ -207,14 +207,16 @@ def report_command(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by `towline eval`.")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write report.html (and gamma.png); "
                                                                "default: the first run folder.")] = None,
+    recheck: Annotated[bool, typer.Option(help="Score the stored answers again with today's answer checkers.")]
+    = False,
 ) -> None:
     """Compare runs side by side (the paper's table), write an HTML page with every answer and,
     when runs differ in gamma, a plot of accuracy and guide share against gamma."""
     from towline.eval.report import ReportError, build_report
 
     try:
-        report = build_report(runs, out_dir or runs[0])
-    except ReportError as error:
+        report = build_report(runs, out_dir or runs[0], recheck=recheck)
+    except (ReportError, DatasetError) as error:
         _fail(str(error))
     print_summary(report.summary)
     err.print(f"HTML: {report.html}", markup=False)

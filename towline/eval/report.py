@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from towline.eval.runner import CONFIG_FILE, RESULTS_FILE, read_results, write_atomic
+from towline.eval.datasets import load
+from towline.eval.runner import CONFIG_FILE, RESULTS_FILE, read_results, score_record, write_atomic
 from towline.eval.summary import Summary, method_rank, summarize
+from towline.eval.tasks import task
 
 HTML_FILE = "report.html"
 PLOT_FILE = "gamma.png"
@@ -43,9 +45,10 @@ class Report:
     plot: Path | None
 
 
-def load_columns(runs: list[Path]) -> tuple[list[Column], list[str]]:
+def load_columns(runs: list[Path], *, recheck: bool = False) -> tuple[list[Column], list[str]]:
     """One column per (run, method), labelled, in the paper's order; and every task, in the
-    order the runs name them."""
+    order the runs name them. ``recheck`` scores the stored answers again with today's
+    checkers (the runs' own data and prompt prefix)."""
     columns, tasks = [], []
     for run in runs:
         config_path = run / CONFIG_FILE
@@ -53,12 +56,23 @@ def load_columns(runs: list[Path]) -> tuple[list[Column], list[str]]:
             raise ReportError(f"{run} is not a towline eval run folder (no {CONFIG_FILE})")
         config = json.loads(config_path.read_text(encoding="utf-8"))
         records = read_results(run / RESULTS_FILE)
+        if recheck:
+            records = _recheck(records, config)
         tasks += [t for t in config["datasets"] if t not in tasks]
         for method, options in config["methods"].items():
             columns.append(Column(run, method, options, [r for r in records if r["method"] == method]))
     _label(columns)
     columns.sort(key=lambda c: (method_rank(c.method), _number(c.options.get(SWEPT_OPTION)), c.label))
     return columns, tasks
+
+
+def _recheck(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for name in config["datasets"]:
+        rows[name] = {r["id"]: r for r in load(name, source=config["source"], data=config["data"])}
+    prefix = config["prompt"].get("question_prefix")
+    return [score_record(r, task(r["task"]), rows[r["task"]][r["id"]],
+                         prefix if prefix is not None else task(r["task"]).question_prefix) for r in records]
 
 
 def _number(value: Any) -> float:
@@ -89,11 +103,11 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def build_report(runs: list[Path], out: Path) -> Report:
+def build_report(runs: list[Path], out: Path, *, recheck: bool = False) -> Report:
     """Read the runs, write ``report.html`` (and ``gamma.png`` for a gamma sweep) into ``out``."""
     if not runs:
         raise ReportError("name at least one run folder")
-    columns, tasks = load_columns(runs)
+    columns, tasks = load_columns(runs, recheck=recheck)
     records = [dict(r, method=c.label) for c in columns for r in c.records]
     summary = summarize({"datasets": tasks, "methods": {c.label: {} for c in columns}}, records)
     summary.methods = [c.label for c in columns]

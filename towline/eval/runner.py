@@ -387,22 +387,27 @@ def _work(job: Job, composed: tuple[Any, list[threading.Lock]], judge: Judge | N
 def _record(job: Job, outcome: Outcome, overrides: dict[str, str]) -> dict[str, Any]:
     """The results line of one finished item."""
     request = job.task.request(job.row, **overrides)
+    record = {
+        "method": job.method, "task": job.task.name, "id": job.row["id"], "index": job.index,
+        "question": job.row["question"], "context": request.context, "answer": job.row["answer"],
+        "gold": job.task.gold(job.row), "correct": None, "score": None, "rule": None,
+        "judge": outcome.judgement.to_dict() if outcome.judgement else None,
+        "error": outcome.error, "result": outcome.result,
+    }
+    return score_record(record, job.task, job.row, request.question_prefix)
+
+
+def score_record(record: dict[str, Any], the_task: Task, row: Row, question_prefix: str) -> dict[str, Any]:
+    """Fill in a record's rule verdict (the task's checker on the answer, up to where the
+    question prefix comes back), ``correct`` (the rule's, else the judge's; False for a skipped
+    item) and ``score``. ``towline report --recheck`` calls it again with today's checkers."""
+    result, judged = record.get("result"), record.get("judge")
     rule = None
-    if outcome.result is not None and job.task.checker is not None:
-        region = checking.answer_region(outcome.result["text"], request.question_prefix)
-        check = job.task.checker(region, job.row)
+    if result is not None and the_task.checker is not None:
+        check = the_task.checker(checking.answer_region(result["text"], question_prefix), row)
         rule = {"correct": check.correct, "extracted": check.extracted, "score": check.score}
-    judged = outcome.judgement.to_dict() if outcome.judgement else None
     correct = rule["correct"] if rule else (judged.get("correct") if judged else None)
-    if outcome.error:
-        correct = False
     score = (rule or {}).get("score")
     if score is None and judged:
         score = judged.get("score")
-    return {
-        "method": job.method, "task": job.task.name, "id": job.row["id"], "index": job.index,
-        "question": job.row["question"], "context": request.context, "answer": job.row["answer"],
-        "gold": job.task.gold(job.row),
-        "correct": correct, "score": score, "rule": rule, "judge": judged,
-        "error": outcome.error, "result": outcome.result,
-    }
+    return {**record, "rule": rule, "correct": False if record.get("error") else correct, "score": score}
