@@ -257,7 +257,8 @@ def _gold_html(record: dict[str, Any]) -> str:
     answer, gold = str(record.get("answer", record["gold"])), str(record["gold"])
     shown = f"<div class='meta'>answer: <b>{html.escape(answer)}</b></div>"
     if gold != answer:
-        shown += f"<details class='meta'><summary>gold answer shown to a judge</summary><pre>{html.escape(gold)}</pre></details>"
+        shown += (f"<details class='meta'><summary>gold answer shown to a judge</summary>"
+                  f"<pre>{html.escape(gold)}</pre></details>")
     return shown
 
 

@@ -4,8 +4,9 @@ answer checker and how a judge scores it.
 >>> task = TASKS["mmlu"]
 >>> row = {"id": "1", "question": "2+2?\\nA. 4\\nB. 5", "answer": "A", "answer_text": "A. 4",
 ...        "subject": "elementary_mathematics"}
->>> task.request(row)
-PromptRequest(question='2+2?\\nA. 4\\nB. 5', system='Answer the question by walking through the reasoning steps.', question_prefix='Question: ', context='Subject: elementary_mathematics\\n', answer_start='')
+>>> request = task.request(row)
+>>> request.system, request.question_prefix, request.context
+('Answer the question by walking through the reasoning steps.', 'Question: ', 'Subject: elementary_mathematics\\n')
 >>> task.gold(row)
 'A. 4'
 >>> TASKS["justeval"].request({"id": "1", "question": "Say hi.", "answer": ""}).question_prefix
