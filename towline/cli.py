@@ -292,6 +292,13 @@ def models_verify(
         raise typer.Exit(1)
 
 
+from towline.eval.cli import datasets_command, eval_command, report_command  # noqa: E402
+
+app.command("eval", context_settings=EXTRA_ARGS)(eval_command)
+app.command("datasets")(datasets_command)
+app.command("report")(report_command)
+
+
 def main() -> None:
     app(prog_name="towline")
 
