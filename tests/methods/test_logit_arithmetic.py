@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 import towline
 from towline.methods import METHODS, OptionError
@@ -26,7 +27,7 @@ from towline.models.local import LocalModel
 from towline.models.openai import OpenAIModel
 from towline.prompts import PromptRequest, build_prompt
 
-from conftest import tiny_llama  # noqa: E402  (tests/ is on the path: pytest's rootdir conftest)
+from killable_server import killable_server
 
 REQUEST = PromptRequest(question="Write a function that adds two numbers.", system="Be brief.")
 
@@ -43,14 +44,20 @@ class ForwardCounter:
         self._handle.remove()
 
 
-@pytest.fixture(scope="module")
-def tiny_tuned2(smollm2_tokenizer) -> LocalModel:
-    return LocalModel(tiny_llama(smollm2_tokenizer, seed=2), smollm2_tokenizer, name="tiny-tuned2")
+def tiny_like(model: LocalModel, *, seed: int, name: str) -> LocalModel:
+    """Another tiny Llama with ``model``'s config and tokenizer and its own random weights."""
+    torch.manual_seed(seed)
+    return LocalModel(LlamaForCausalLM(model.model.config).eval(), model.tokenizer, name=name)
 
 
 @pytest.fixture(scope="module")
-def tiny_untuned2(smollm2_tokenizer) -> LocalModel:
-    return LocalModel(tiny_llama(smollm2_tokenizer, seed=4), smollm2_tokenizer, name="tiny-untuned2")
+def tiny_tuned2(tiny_guide) -> LocalModel:
+    return tiny_like(tiny_guide, seed=2, name="tiny-tuned2")
+
+
+@pytest.fixture(scope="module")
+def tiny_untuned2(tiny_guide) -> LocalModel:
+    return tiny_like(tiny_guide, seed=4, name="tiny-untuned2")
 
 
 def prompt_of(model, role: str, template: str | None = None) -> str:
@@ -364,33 +371,20 @@ def test_mixing_local_and_served_models_is_refused(served_smol, smollm2_guide):
 
 @pytest.mark.real_models
 def test_a_server_failing_mid_answer_keeps_the_partial_text(smol_gguf, tmp_path):
-    """A server of its own, stopped after the third token: the answer so far comes back."""
-    from conftest import SERVER_SCRIPT, _wait_until_ready, free_port
-
-    port, log = free_port(), tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--model", str(smol_gguf), "--host",
-                                    "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "1",
-                                    "--verbose", "False"], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    """A server of its own, killed as the third token is shown: the answer so far comes back."""
     pieces = []
+    with killable_server(smol_gguf, tmp_path) as server, \
+            OpenAIModel("smollm2", base_urls=[server.url], max_retries=0, timeout=10) as served:
 
-    def stop_after_three(piece: str, role: str) -> None:
-        pieces.append(piece)
-        if len(pieces) == 3:
-            process.terminate()
-            process.wait(timeout=30)
+        def kill_at_the_third(piece: str, role: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                server.kill()
 
-    try:
-        _wait_until_ready(url, process, log)
-        with OpenAIModel("smollm2", base_urls=[url], max_retries=0, timeout=10) as served:
-            models = {"base": Participant(served), "tuned": Participant(served, template="chatml"),
-                      "untuned": Participant(served)}
-            result = METHODS["proxy-tuning"](max_tokens=10, top_logprobs=5).run(
-                REQUEST, models, on_text=stop_after_three)
-    finally:
-        if process.poll() is None:
-            process.kill()
+        models = {"base": Participant(served), "tuned": Participant(served, template="chatml"),
+                  "untuned": Participant(served)}
+        result = METHODS["proxy-tuning"](max_tokens=10, top_logprobs=5).run(
+            REQUEST, models, on_text=kill_at_the_third)
     assert result.stop_reason == "error" and result.tokens == 3
     assert result.text == "".join(pieces) and result.text
-    assert url in result.error
+    assert server.url in result.error

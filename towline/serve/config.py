@@ -222,6 +222,8 @@ def open_all(config: ServeConfig, *, log=lambda message: None) -> Opened:
         for name, (method, kwargs) in arguments.items():
             for role in method_class(method).roles:
                 spec = kwargs.get(role.name, role.default)
+                if spec is None:  # an optional role left out
+                    continue
                 # A role naming a served model (by its name or its spec) shares that model.
                 kwargs[role.name] = models[spec] if spec in models else load(spec)
             composites[name] = stack.enter_context(compose(method=method, **kwargs))

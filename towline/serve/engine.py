@@ -176,6 +176,10 @@ class Watched(Model):
         self.name = model.name
         self.chat_template = model.chat_template
         self.context_length = model.context_length
+        # What methods that mix distributions read: which ids mean what, and which end the text.
+        self.vocabulary = model.vocabulary
+        self.end_ids = model.end_ids
+        self.end_texts = model.end_texts
 
     def complete(self, prompts, **kwargs):
         self.job.check()
