@@ -21,7 +21,7 @@ def row(task: str, item: str) -> dict:
 def check(task: str, item: str, text: str, **gold):
     """The task's checker on the answer region of ``text``; ``gold`` replaces row fields."""
     the_task = TASKS[task]
-    region = checking.answer_region(text, the_task.question_prefix)
+    region = checking.answer_region(text, the_task.question_prefix, the_task.system)
     return the_task.checker(region, {**row(task, item), **gold})
 
 
@@ -56,6 +56,11 @@ GUIDE_COIN = ("To solve this problem, we need to analyze the possible outcomes o
               "tails. So, we can conclude that the coin is either heads up or tails up.\n\nHowever, if we flip")
 GUIDE_LETTERS = ("Rohan Antoinette Nikki Aida\n\nHere's the reasoning step-by-step:\n\n1. The original sentence was "
                  "\"Rohan Antoinette Nikki Aida.\"\n2. The original sentence was \"Rohan Antoinette Nikki A")
+BASE_MMLU = ("E. No, the court cannot determine the amount of damages.\nAnswer the question by walking through the "
+             "reasoning steps.\nSubject: professional_law\nQuestion: A man with a herniated lumbar disk was a "
+             "passenger in a car that was hit by another car going through a stop sign.")
+BASE_CSQA = ("Answer:\nA. chest of drawers\nB. grocery store\nC. hold alcohol\nD. nightstand\nE. bookcase\nAnswer:\n"
+             "A. chest of drawers\nB. grocery store\nC. hold alcohol\nD. nightstand\nE. bookcase\nAnswer:")
 # Nudging: the guide opens, the base carries on.
 NUDGING_GSM8K = ("To solve this question, we need to break down the problem into manageable parts. We know that "
                  "Janet lays 16 eggs per day, so we can calculate the number of eggs she lays per day.\n\nShe eats "
@@ -114,6 +119,8 @@ def test_a_list_of_options_chooses_nothing():
     assert check("arc_challenge", "Mercury_7120908", NUDGING_ARC_RECITAL) == checking.Check(False, None)
     assert check("arc_challenge", "Mercury_7120908", GUIDE_ARC_LONG) == checking.Check(False, "A")  # argued for A
     assert check("arc_challenge", "Mercury_7141908", NUDGING_ARC).extracted == "C"  # a lone last line
+    assert check("csqa", "af3b9a8b1962cd3bcd19e644d873e7bc", BASE_CSQA) == checking.Check(False, None)
+    assert check("mmlu", "mmlu-val-professional_law-72", BASE_MMLU) == checking.Check(False, None)  # E is no option
 
 
 def test_labels_yes_no_true_false():

@@ -7,7 +7,8 @@ whether the answer is right, and what it took as the model's answer (None: it fo
 which counts as wrong).
 
 Base models often go on after their answer with a made-up next question; :func:`answer_region`
-cuts the text where the prompt's question prefix comes back, and the runner checks only that.
+cuts the text where the prompt's question prefix or system text comes back, and the runner
+checks only that.
 
 >>> answer_region("Answer: $16.\\nQuestion: How many eggs?\\nAnswer: 3", "Question: ")
 'Answer: $16.'
@@ -57,15 +58,21 @@ class Check:
     score: float | None = None
 
 
-def answer_region(text: str, question_prefix: str) -> str:
-    """``text`` up to where a new line starts with ``question_prefix`` again (a base model
-    inventing the next question), stripped."""
-    marker = question_prefix.strip()
-    if marker:
-        found = re.search(r"\n\s*" + re.escape(marker), text)
+def answer_region(text: str, *markers: str) -> str:
+    """``text`` up to where a new line starts with one of ``markers`` (the prompt's question
+    prefix or system text: a base model inventing the next question), stripped.
+
+    >>> answer_region("E. No.\\nAnswer the question by walking through the reasoning steps.\\nSubject: law",
+    ...               "Question: ", "Answer the question by walking through the reasoning steps.")
+    'E. No.'
+    """
+    cut = len(text)
+    for marker in markers:
+        marker = marker.strip()
+        found = re.search(r"\n\s*" + re.escape(marker), text) if marker else None
         if found:
-            text = text[: found.start()]
-    return text.strip()
+            cut = min(cut, found.start())
+    return text[:cut].strip()
 
 
 def _anchored(text: str, found: list[tuple[int, str]]) -> str | None:

@@ -70,9 +70,9 @@ def _recheck(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict
     rows: dict[str, dict[str, Any]] = {}
     for name in config["datasets"]:
         rows[name] = {r["id"]: r for r in load(name, source=config["source"], data=config["data"])}
-    prefix = config["prompt"].get("question_prefix")
-    return [score_record(r, task(r["task"]), rows[r["task"]][r["id"]],
-                         prefix if prefix is not None else task(r["task"]).question_prefix) for r in records]
+    overrides = {k: v for k, v in config["prompt"].items() if v is not None}
+    return [score_record(r, task(r["task"]), row, task(r["task"]).request(row, **overrides))
+            for r in records for row in [rows[r["task"]][r["id"]]]]
 
 
 def _number(value: Any) -> float:

@@ -43,6 +43,7 @@ from towline.methods import OptionError, method_class
 from towline.methods.base import PromptTooLong
 from towline.models import load_model
 from towline.models.base import Model, ModelError, Sampling
+from towline.prompts import PromptRequest
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
@@ -394,17 +395,19 @@ def _record(job: Job, outcome: Outcome, overrides: dict[str, str]) -> dict[str, 
         "judge": outcome.judgement.to_dict() if outcome.judgement else None,
         "error": outcome.error, "result": outcome.result,
     }
-    return score_record(record, job.task, job.row, request.question_prefix)
+    return score_record(record, job.task, job.row, request)
 
 
-def score_record(record: dict[str, Any], the_task: Task, row: Row, question_prefix: str) -> dict[str, Any]:
+def score_record(record: dict[str, Any], the_task: Task, row: Row, request: PromptRequest) -> dict[str, Any]:
     """Fill in a record's rule verdict (the task's checker on the answer, up to where the
-    question prefix comes back), ``correct`` (the rule's, else the judge's; False for a skipped
-    item) and ``score``. ``towline report --recheck`` calls it again with today's checkers."""
+    prompt's question prefix or system text comes back), ``correct`` (the rule's, else the
+    judge's; False for a skipped item) and ``score``. ``towline report --recheck`` calls it
+    again with today's checkers."""
     result, judged = record.get("result"), record.get("judge")
     rule = None
     if result is not None and the_task.checker is not None:
-        check = the_task.checker(checking.answer_region(result["text"], question_prefix), row)
+        region = checking.answer_region(result["text"], request.question_prefix, request.system)
+        check = the_task.checker(region, row)
         rule = {"correct": check.correct, "extracted": check.extracted, "score": check.score}
     correct = rule["correct"] if rule else (judged.get("correct") if judged else None)
     score = (rule or {}).get("score")
