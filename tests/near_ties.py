@@ -24,9 +24,9 @@ prompt, another model) shows gaps of several nats, or tokens not among the top f
 >>> from towline.models.base import Step, Token
 >>> a = [Call(0, "p", (Step(Token("x", -0.5), (Token("x", -0.5), Token("y", -0.75))),))]
 >>> b = [Call(0, "p", (Step(Token("y", -0.625), (Token("y", -0.625), Token("x", -0.6875))),))]
->>> difference(a, b)
+>>> first_difference((a, b))
 Difference(order=0, prompt='p', before='', kind='token', a=('x', 0.25), b=('y', 0.0625))
->>> difference(a, a) is None
+>>> first_difference((a, a)) is None
 True
 """
 
@@ -121,13 +121,17 @@ class Difference:
         return self.a[1] <= tolerance and self.b[1] <= tolerance
 
 
-def difference(a: Sequence[Call], b: Sequence[Call], *, threshold: float | None = None) -> Difference | None:
-    """The first difference between two runs' calls to one model, in call order; None when
-    every call has the same prompt and the same steps (tokens, and sides of ``threshold``).
+def first_difference(*runs: tuple[Sequence[Call], Sequence[Call]],
+                     threshold: float | None = None) -> Difference | None:
+    """The first difference between two runs, given as one ``(calls_a, calls_b)`` pair per
+    model; None when every call has the same prompt and the same steps (tokens, and sides
+    of ``threshold``). Calls are compared in the order they were made, over all models:
+    after a difference, later calls (of any model) may differ as a consequence.
 
     A call whose prompt differs with nothing different before it cannot be explained by a
     near-tie: that raises AssertionError, as does a call made by one run only."""
-    for call_a, call_b in itertools.zip_longest(a, b):
+    pairs = [pair for calls_a, calls_b in runs for pair in itertools.zip_longest(calls_a, calls_b)]
+    for call_a, call_b in sorted(pairs, key=lambda pair: (pair[0] or pair[1]).order):
         assert call_a is not None and call_b is not None, f"only one run made the call {call_a or call_b}"
         assert call_a.prompt == call_b.prompt, (
             f"call {call_a.order} has different prompts with nothing different before:\n"
@@ -144,22 +148,6 @@ def difference(a: Sequence[Call], b: Sequence[Call], *, threshold: float | None 
                                   (token_b, abs(math.log(step_b.top1_prob / threshold))))
             before += token_a
     return None
-
-
-def first_difference(*runs: tuple[Sequence[Call], Sequence[Call]],
-                     threshold: float | None = None) -> Difference | None:
-    """The earliest difference over several models' call pairs (each ``(run_a, run_b)``):
-    one model's calls may differ only because another model answered differently first,
-    so calls are compared up to the first difference found in any of them."""
-    found = []
-    for calls_a, calls_b in runs:
-        # Calls after the earliest difference of another model may differ in their prompts.
-        cutoff = min((d.order for d in found), default=math.inf)
-        found_here = difference([c for c in calls_a if c.order <= cutoff],
-                                [c for c in calls_b if c.order <= cutoff], threshold=threshold)
-        if found_here is not None:
-            found.append(found_here)
-    return min(found, key=lambda d: d.order, default=None)
 
 
 def assert_same_up_to_a_near_tie(*runs: tuple[Sequence[Call], Sequence[Call]], threshold: float | None = None,

@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from towline.methods.nudging import NudgingResult, Round, nudge, split_words, strip_repeated_suffix
+from towline.methods.nudging import NudgingResult, nudge, split_words, strip_repeated_suffix
 from towline.models.base import GREEDY, Completion, Model, ModelError, Sampling, Step, Token
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest, build_prompt
