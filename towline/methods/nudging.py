@@ -109,19 +109,24 @@ def strip_repeated_suffix(text: str, *, min_chars: int = REPEATED_SUFFIX_MIN_CHA
 def fit_tokens(text: str, room: int, count_tokens: Callable[[str], int]) -> str:
     """The longest prefix of ``text`` (in characters) that is at most ``room`` tokens long.
 
-    Found by bisection, which assumes that a longer prefix never has fewer tokens. A
-    tokenizer can break that by a token now and then; what is returned always fits.
+    Whole words are bisected (one more word never means fewer tokens), then the next word
+    is tried from its longest prefix down: within a word, a longer prefix can take fewer
+    tokens (" cl" + "i" is two tokens where " clips" is one). Whatever a tokenizer does,
+    what is returned fits.
     """
     if count_tokens(text) <= room:
         return text
-    fits, too_long = 0, len(text)  # count_tokens(text[:fits]) <= room < count_tokens(text[:too_long])
+    cuts = [i for i, char in enumerate(text) if char == " "] + [len(text)]  # prefixes ending before a space
+    fits, too_long = -1, len(cuts) - 1  # cuts[fits] fits (-1: the empty prefix), cuts[too_long] does not
     while too_long - fits > 1:
         middle = (fits + too_long) // 2
-        if count_tokens(text[:middle]) <= room:
+        if count_tokens(text[: cuts[middle]]) <= room:
             fits = middle
         else:
             too_long = middle
-    return text[:fits]
+    start = cuts[fits] if fits >= 0 else 0
+    return next((text[:end] for end in range(cuts[too_long] - 1, start, -1) if count_tokens(text[:end]) <= room),
+                text[:start])
 
 
 def nudge(*, base: Model, guide: Model, request: PromptRequest | str, base_sampling: Sampling = GREEDY,
