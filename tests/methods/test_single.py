@@ -58,8 +58,6 @@ def test_greedy_text_is_what_complete_gives_on_real_models(gemma_base, smollm2_g
 
 
 @pytest.mark.real_models
-@pytest.mark.xfail(strict=True, reason="LocalModel gives each token's text alone, so a character whose bytes "
-                                       "span two byte-level BPE tokens (an emoji, CJK) streams as two U+FFFD")
 def test_greedy_non_ascii_text_is_what_complete_gives(smollm2_guide):
     request = PromptRequest(question="Écris une phrase en français avec des émojis 🎉 et du chinois 你好.")
     result = GuideOnly(max_tokens=40).run(request, {"guide": Participant(smollm2_guide)})

@@ -45,6 +45,9 @@ from towline.models.base import (
 MIN_REUSED_PREFIX = 8
 """Shorter shared prefixes are recomputed: copying the cache would not pay for itself."""
 
+UNFINISHED_CHARACTER = "\ufffd"
+"""What tokenizers decode the leading bytes of a character split across tokens to."""
+
 
 @dataclass
 class _CachedPrefix:
@@ -291,10 +294,12 @@ class LocalModel(Model):
 
     def _piece(self, context: Sequence[int], token_id: int) -> str:
         """The text a token adds after ``context``. Decoding a token alone can drop its
-        leading space (SentencePiece) or split a multi-byte character."""
-        context = list(context[-4:])
-        before = self._decode(context)
-        after = self._decode(context + [token_id])
+        leading space (SentencePiece) or split a multi-byte character: a token that ends
+        inside a character (half an emoji) adds nothing, and the token that completes the
+        character adds all of it, so the pieces of a stream join into the decoded text."""
+        context = list(context[-4:])  # a character spans at most 4 byte tokens
+        before = self._decode(context).rstrip(UNFINISHED_CHARACTER)
+        after = self._decode(context + [token_id]).rstrip(UNFINISHED_CHARACTER)
         return after[len(before):] if after.startswith(before) else self._decode([token_id])
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
