@@ -792,6 +792,23 @@ def test_a_model_failing_mid_answer_returns_the_answer_so_far():
     assert (pairs(result), result.stop_reason, result.text) == ([(" Go", " t4 t5 t6")], "error", " Go t4 t5 t6")
 
 
+def test_a_round_whose_words_cannot_be_counted_is_left_out():
+    class DeadCountingBase(DyingBase):
+        def count_tokens(self, text: str) -> int:
+            if self.steps_decoded >= self.dies_at:
+                raise ModelError("http://127.0.0.1:1/v1 is gone")
+            return super().count_tokens(text)
+
+    numbered = lambda text: (f" t{len(text.split())}", HIGH)  # noqa: E731
+    # Round 1 as in the test before, the base ending its text after " t6"; round 2's words,
+    # far from the budget, are to be counted once its base stream closes, but the server
+    # dies in that stream (step 5, after the readiness question).
+    base = DeadCountingBase(lambda text: (EOS, HIGH) if len(text.split()) == 7 else numbered(text), dies_at=5)
+    result = run(base, ScriptedGuide([" Go on", " More now"]), base_chunk=3)
+    assert result.stop_reason == "error"
+    assert (pairs(result), result.text, result.tokens) == ([(" Go", " t4 t5 t6")], " Go t4 t5 t6", 4)
+
+
 def test_a_guide_failing_mid_answer_keeps_the_rounds_before():
     class DyingGuide(ScriptedGuide):
         def complete(self, prompts, **kwargs):
@@ -830,3 +847,37 @@ def test_prefix_reuse_changes_nothing_but_the_cost(tiny_base, tiny_guide):
     assert results[True].model_calls == results[False].model_calls
     assert results[True].model_calls["base"] >= 5
     assert tokens[True] < tokens[False] / 3
+
+
+
+class CountingBase(ScriptedBase):
+    """A scripted base that records the texts it is asked to count."""
+
+    def __init__(self, rule) -> None:
+        super().__init__(rule)
+        self.counted: list[str] = []
+
+    def count_tokens(self, text: str) -> int:
+        self.counted.append(text)
+        return super().count_tokens(text)
+
+
+def test_only_the_nudging_words_are_counted_and_the_cost_is_in_the_result():
+    # Not ready after " a" (it disagrees, unsure), ready after " a b" (it agrees on " c");
+    # then unsure at once: one round, and the guide ends the answer in the second.
+    base = CountingBase(rules({" b": (" c", LOW)}, default=(" x", LOW)))
+    result = run(base, ScriptedGuide([" a b c d"]), max_tokens=100)
+    assert pairs(result) == [(" a b", " c"), ("", "")] and result.stop_reason == "guide_stop"
+    # " a" is never counted: its count cannot matter with the budget this far off.
+    assert base.counted == [" a b"] and result.token_counts == 1
+    assert result.generated == {"base": 3, "guide": 4}  # " x" | " c", " x"; the proposal
+    assert result.to_dict()["generated"] == result.generated
+
+
+def test_words_near_the_budget_are_counted_before_the_base_is_asked():
+    # " a" might take up to 3 tokens (2 bytes and a prefix token): with 16-token chunks and
+    # 18 tokens of room, its count decides whether the first chunk fits, so it is counted.
+    base = CountingBase(rules({" b": (" c", LOW)}, default=(" x", LOW)))
+    result = run(base, ScriptedGuide([" a b c d"]), max_tokens=18, base_chunk=16)
+    assert pairs(result) == [(" a b", " c"), ("", "")]
+    assert base.counted == [" a", " a b"]

@@ -104,7 +104,8 @@ def assert_same(result: NudgingResult, spec: SpecRun, read: int) -> None:
     assert (result.stop_reason, result.text) == (spec.stop_reason, spec.text)
     assert (result.guide_tokens, result.base_tokens) == (spec.guide_tokens, spec.base_tokens)
     assert result.model_calls == spec.requests
-    assert read == spec.base_tokens_needed
+    assert read == spec.base_tokens_needed == result.generated["base"]
+    assert result.generated["guide"] == spec.generated["guide"]
 
 
 def gsm8k(question: str) -> PromptRequest:

@@ -49,6 +49,11 @@ class NudgingResult(Result):
     guide_tokens: int
     """Output tokens that came from the guide, counted in base tokens."""
     base_tokens: int
+    generated: dict[str, int]
+    """Tokens each model generated that this answer read (a stream stopped early counts
+    what was read); over an API, what the servers were asked to generate, near enough."""
+    token_counts: int
+    """Texts counted in base tokens by the base model (over an API, one request each)."""
 
     @property
     def nudging_words(self) -> list[str]:
@@ -160,10 +165,23 @@ class _Run:
         self.base_prompt = base.prompt(request, chat=False, room=options.max_tokens, role="base")
         self.guide_prompt = guide.prompt(request, chat=True, room=options.max_tokens, role="guide")
         self.calls = {"base": 0, "guide": 0}
+        self.generated = {"base": 0, "guide": 0}
+        self.token_counts = 0
         self.out = ""
         self.rounds: list[Round] = []
         self.guide_tokens = self.base_tokens = 0
-        self.count_tokens = functools.cache(lambda text: base.model.count_tokens(text) if text else 0)
+        self.uncounted: str | None = None
+        """Nudging words in the output whose tokens are not in ``guide_tokens`` yet (see
+        :meth:`_surely_fits`)."""
+
+        @functools.cache
+        def count_tokens(text: str) -> int:
+            if not text:
+                return 0
+            self.token_counts += 1
+            return base.model.count_tokens(text)
+
+        self.count_tokens = count_tokens
 
     @property
     def room(self) -> int:
@@ -173,17 +191,20 @@ class _Run:
     def result(self) -> NudgingResult:
         error = None
         current: Round | None = None
+        before = self.out, self.base_tokens  # at the start of the round under way
         try:
             while True:
                 if len(self.rounds) >= self.options.max_rounds:
                     stop_reason = "rounds"
                     break
+                before = self.out, self.base_tokens
                 current, first, stop_reason = self._nudging_words()
                 if current is None:  # the same words a fourth time: not appended
                     break
                 if first is not None:
                     with closing(first[0]):
                         self._base_phase(current, *first)
+                    self._count_words()
                 self._finish_round(current)
                 current = None
                 if not stop_reason and self.room <= 0:
@@ -193,6 +214,12 @@ class _Run:
         except ModelError as failure:
             stop_reason, error = "error", str(failure)
             if current is not None:  # its words are decided and its base text so far is final
+                try:
+                    self._count_words()
+                except ModelError:  # its words cannot be counted: the answer ends before it
+                    self.out, self.base_tokens = before
+                    self.uncounted = current = None
+            if current is not None:
                 self._finish_round(current)
         return NudgingResult(
             method=self.options.name,
@@ -203,6 +230,8 @@ class _Run:
             guide_tokens=self.guide_tokens,
             base_tokens=self.base_tokens,
             tokens=self.guide_tokens + self.base_tokens,
+            generated=self.generated,
+            token_counts=self.token_counts,
             model_calls=self.calls,
             seconds=time.perf_counter() - self.started,
             prompts={"base": self.base_prompt.text, "guide": self.guide_prompt.text},
@@ -227,6 +256,7 @@ class _Run:
         proposal = self.guide.model.complete(
             [self.guide_prompt.text + self.out], max_tokens=self.options.guide_chunk,
             sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop)[0]
+        self.generated["guide"] += len(proposal.steps)
         if proposal.finish_reason in ("end", "stop"):
             current, cut = self._append_words(proposal.text)
             return current, None, "length" if cut else "guide_stop"
@@ -236,6 +266,10 @@ class _Run:
             if first is not None:
                 first[0].close()
             return None, None, "repeated_nudging"
+        if first is not None and self._surely_fits(words):
+            self.out += words  # counted once the base's stream is closed
+            self.uncounted = words
+            return Round(words), first, ""
         if first is not None and self.count_tokens(words) >= self.room:
             # The words fill the budget: no base phase. The stream is closed before cutting
             # them (counting asks the server, which may be busy with the open stream).
@@ -243,6 +277,22 @@ class _Run:
             first = None
         current, cut = self._append_words(words)
         return current, first, "length" if cut else ""
+
+    def _surely_fits(self, words: str) -> bool:
+        """Whether ``words`` leave room for a whole first base chunk, whatever their count.
+
+        A token holds at least one byte of text, and a tokenizer may add one token in front
+        (SentencePiece's dummy prefix), so ``words`` take at most their UTF-8 length plus one
+        tokens. Then neither the budget nor the base's first chunk depends on their count,
+        which is asked for after the base's stream is closed (a server may serve one request
+        at a time): a text whose count is never needed is never counted."""
+        return len(words.encode("utf-8")) + 1 + self.options.base_chunk <= self.room
+
+    def _count_words(self) -> None:
+        """Add the tokens of the nudging words that :meth:`_nudging_words` left uncounted."""
+        if self.uncounted is not None:
+            self.guide_tokens += self.count_tokens(self.uncounted)
+            self.uncounted = None
 
     def _append_words(self, words: str) -> tuple[Round, bool]:
         """A round with these nudging words, appended to the output; cut to the longest
@@ -258,13 +308,15 @@ class _Run:
         """Step 2: the nudging words and, when the base is ready and has a token, its open
         stream with that first token.
 
-        The words are counted before each stream opens: a server may serve one request at a
-        time (llama.cpp cancels an open stream when another request arrives)."""
+        Words that might not leave room for the base's first chunk are counted before the
+        stream opens: a server may serve one request at a time (llama.cpp cancels an open
+        stream when another request arrives)."""
         accepted = [words[0]]
         for i in range(1, len(words)):
             if words[i]:  # an empty word (two spaces in a row) is not asked about
                 text = " ".join(accepted)
-                self.count_tokens(text)
+                if not self._surely_fits(text):
+                    self.count_tokens(text)
                 stream = self._base_stream(self.out + text, self.options.base_chunk)
                 step = next(stream, None)
                 if step is None:  # the base's answer here is its end of text: ready, no base phase
@@ -279,8 +331,15 @@ class _Run:
 
     def _base_stream(self, text: str, limit: int) -> BaseStream:
         self.calls["base"] += 1
-        return self.base.model.stream(self.base_prompt.text + text, max_tokens=limit, top_logprobs=1,
-                                      sampling=_nth_call(self.base.sampling, self.calls["base"]))
+        return self._read_counted(self.base.model.stream(
+            self.base_prompt.text + text, max_tokens=limit, top_logprobs=1,
+            sampling=_nth_call(self.base.sampling, self.calls["base"])))
+
+    def _read_counted(self, steps: BaseStream) -> BaseStream:
+        with closing(steps):
+            for step in steps:
+                self.generated["base"] += 1
+                yield step
 
     def _base_phase(self, current: Round, stream: BaseStream, first: Step) -> None:
         """Step 3: the base continues, chunk by chunk, until a rule or the length budget
@@ -304,6 +363,7 @@ class _Run:
                     if text and text in current.base_text and not _long(text):
                         rest, ended = _read(stream, limit - len(accepted) - 1)
                         whole += "".join(s.token.text for s in rest)
+            self._count_words()  # the stream is closed, and the next chunk needs the exact room
             if whole in current.base_text:  # (a); the empty chunk always is
                 return
             if _long(text) and text in self.out:  # (c); the output ends with this round's base text

@@ -24,6 +24,17 @@ What servers give
 - The context length, where the server lists it: vLLM's ``/v1/models`` gives
   ``max_model_len`` (:attr:`OpenAIModel.context_length`, asked once).
 
+What it costs
+-------------
+:attr:`OpenAIModel.requests` counts every HTTP request sent, retries included, by path
+(``/v1/completions``, ``/extras/tokenize``, ...), and :attr:`OpenAIModel.tokens_received` the
+generated tokens that came back (streams stopped early count what was read):
+
+>>> model = OpenAIModel("m", base_urls=["http://127.0.0.1:8000/v1"])
+>>> dict(model.requests), model.tokens_received
+({}, 0)
+>>> model.close()
+
 Errors
 ------
 Every failure is a :class:`ModelError` that names the URL and the model and says what
@@ -62,6 +73,7 @@ import itertools
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -105,13 +117,28 @@ class OpenAIModel(Model):
         self.end_texts = frozenset(end_texts)
         self.extra_body = {**NEUTRAL_SAMPLING, **(extra_body or {})}
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self._clients = {url: openai.OpenAI(base_url=url, api_key=key, timeout=timeout,
-                                            max_retries=max_retries) for url in base_urls}
+        self.requests: Counter[str] = Counter()
+        """HTTP requests sent, retries included, by URL path."""
+        self.tokens_received = 0
+        """Generated tokens read from the servers' answers."""
+        self._clients = {url: openai.OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=max_retries,
+                                            http_client=openai.DefaultHttpxClient(
+                                                event_hooks={"request": [self._count_request]}))
+                         for url in base_urls}
         self._url_cycle = itertools.cycle(base_urls)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"towline-{model}")
         self._token_counters: dict[str, Callable[[str], int]] = {}
         self._echo_checked: set[str] = set()
+
+    def _count_request(self, request: Any) -> None:
+        with self._lock:
+            self.requests[request.url.path] += 1
+
+    def _received(self, steps: list[Step]) -> list[Step]:
+        with self._lock:
+            self.tokens_received += len(steps)
+        return steps
 
     def _next_urls(self, count: int) -> list[str]:
         with self._lock:
@@ -200,7 +227,7 @@ class OpenAIModel(Model):
             reason = _finish_reason(choice, steps, stop)
             if reason != "length":  # drop the stop string's or end-of-text token's entries
                 steps = _within(steps, len(choice.text))
-            return Completion(choice.text, steps, reason)
+            return Completion(choice.text, self._received(steps), reason)
 
         return self._map(complete_one, list(enumerate(prompts)))
 
@@ -224,7 +251,9 @@ class OpenAIModel(Model):
                     finished = True
                     if choice.finish_reason != "length":
                         steps = _within(steps, len(choice.text))
-                yield from steps
+                for step in steps:
+                    self._received([step])
+                    yield step
         if not finished:
             if not received:
                 # llama-cpp-python ends a stream without a word when the request fails (a
