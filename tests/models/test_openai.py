@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import closing
 import socket
 
 import pytest
@@ -260,3 +261,14 @@ def test_end_of_text_and_vocabulary_of_served_models(smol_url):
         assert known.is_end(Token("", -0.1)) and not known.is_end(Token(" Paris", -0.1))
     with OpenAIModel("m", base_urls=[smol_url], end_texts=["<|im_end|>"]) as tagged:  # as vLLM shows it
         assert tagged.is_end(Token("<|im_end|>", 0.0)) and not tagged.is_end(Token("", 0.0))
+
+
+def test_requests_and_received_tokens_are_counted(smol_url):
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60) as model:
+        (completion,) = model.complete([PLAIN], max_tokens=5)
+        with closing(model.stream(PLAIN, max_tokens=8)) as stream:
+            next(stream), next(stream)  # read two steps, then leave
+        assert model.count_tokens("Hello world") == 2
+        # The tokenizer's route is found with one request, then asked once.
+        assert dict(model.requests) == {"/v1/completions": 2, "/tokenize": 1, "/extras/tokenize": 2}
+        assert model.tokens_received == len(completion.steps) + 2 == 7
