@@ -1,0 +1,147 @@
+"""Nudging on local weights against the base model alone: output tokens per second.
+
+    python bench/local_nudging.py                      # both pairs, ~10 minutes on a shared CPU
+    python bench/local_nudging.py --pairs qwen --questions 2 --max-tokens 64
+    python bench/local_nudging.py --pairs gemma --profile   # where nudging's time goes
+
+For each pair, on the first GSM8K questions (the copy bundled with towline), with the same
+base model and the same plain base prompt, in one process, one thread, question by question
+(so that the machine's load falls alike on both sides), greedy:
+
+- ``base_only``: the base alone;
+- ``nudging``: the base nudged by the guide (gamma 0.4, 16-token chunks).
+
+``ratio`` = nudging's output tokens/s ÷ the base alone's. Forward passes of each model per
+output token are counted too. The last line printed is one JSON object. With ``--profile``,
+nudging alone runs under cProfile and the top entries are printed instead of a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+from dataclasses import dataclass
+
+import torch
+
+from towline.api import compose
+from towline.eval import datasets
+from towline.models.local import LocalModel
+from towline.prompts import PromptRequest
+
+SYSTEM = "Answer the question by walking through the reasoning steps."
+
+
+@dataclass(frozen=True)
+class Pair:
+    base: str
+    guide: str
+    questions: int
+    max_tokens: int
+
+
+# The Qwen base takes several times longer per token here: fewer, shorter answers keep each
+# pair within about five minutes.
+PAIRS = {
+    "gemma": Pair("gemma-3-270m", "smollm2-135m-instruct", questions=3, max_tokens=128),
+    "qwen": Pair("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", questions=2, max_tokens=64),
+}
+
+
+class Forwards:
+    """Counts forward passes of a torch module, by side."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.counts: dict[str, int] = {}
+        self.side = ""
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.counts[self.side] = self.counts.get(self.side, 0) + 1
+
+
+def request_for(question: str) -> PromptRequest:
+    return PromptRequest(question=question, system=SYSTEM, question_prefix="Question: ")
+
+
+def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool) -> dict:
+    base, guide = LocalModel.load(pair.base), LocalModel.load(pair.guide)
+    counters = {"base": Forwards(base.model), "guide": Forwards(guide.model)}
+    sides = {"nudging": compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens)}
+    if not profile:
+        sides["base_only"] = compose(method="base-only", base=base, max_tokens=max_tokens)
+    for aligned in sides.values():  # warm-up: first passes allocate; not counted
+        aligned.generate(request_for("What is 2 + 3?"))
+    for counter in counters.values():
+        counter.counts.clear()
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        results = [sides["nudging"].generate(request_for(q)) for q in questions]
+        profiler.disable()
+        listing = io.StringIO()
+        pstats.Stats(profiler, stream=listing).sort_stats("tottime").print_stats(15)
+        print(listing.getvalue())
+        tokens = sum(r.tokens for r in results)
+        return {"base": pair.base, "guide": pair.guide, "tokens": tokens,
+                "tokens_per_second": round(tokens / sum(r.seconds for r in results), 3)}
+
+    results: dict[str, list] = {side: [] for side in sides}
+    for question in questions:
+        for side, aligned in sides.items():
+            for counter in counters.values():
+                counter.side = side
+            results[side].append(aligned.generate(request_for(question)))
+    report: dict = {"base": pair.base, "guide": pair.guide}
+    for side, side_results in results.items():
+        tokens = sum(r.tokens for r in side_results)
+        seconds = sum(r.seconds for r in side_results)
+        entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 3),
+                 "base_forwards_per_token": round(counters["base"].counts.get(side, 0) / tokens, 3)}
+        if side == "nudging":
+            entry["guide_forwards_per_token"] = round(counters["guide"].counts.get(side, 0) / tokens, 3)
+            entry["guide_token_fraction"] = round(sum(r.guide_tokens for r in side_results) / tokens, 3)
+            entry["rounds_per_answer"] = round(sum(len(r.rounds) for r in side_results) / len(side_results), 1)
+        report[side] = entry
+    report["ratio"] = round(report["nudging"]["tokens_per_second"] / report["base_only"]["tokens_per_second"], 3)
+    for aligned in sides.values():
+        aligned.close()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", default="gemma,qwen", help=f"comma-separated, of: {', '.join(PAIRS)}")
+    parser.add_argument("--questions", type=int, help="questions per pair (default: per pair, 3 and 2)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: per pair, 128 and 64)")
+    parser.add_argument("--profile", action="store_true", help="profile nudging instead of timing both sides")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.pairs.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PAIRS))
+    if unknown:
+        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(PAIRS)}")
+    torch.set_num_threads(1)  # the machines are small and shared
+    rows = datasets.load("gsm8k")
+    started = time.perf_counter()
+    report: dict = {"threads": 1, "pairs": {}}
+    for name in names:
+        pair = PAIRS[name]
+        count = args.questions or pair.questions
+        max_tokens = args.max_tokens or pair.max_tokens
+        result = run_pair(pair, [row["question"] for row in rows[:count]], max_tokens=max_tokens,
+                          profile=args.profile)
+        result.update(questions=count, max_tokens=max_tokens)
+        report["pairs"][name] = result
+        print(json.dumps({name: result}), flush=True)
+    if not args.profile:
+        report["ratio"] = {name: result["ratio"] for name, result in report["pairs"].items()}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
