@@ -78,6 +78,7 @@ def compose(*, method: str = "nudging", **kwargs: Any) -> Aligned:
             if isinstance(model, str):
                 model = stack.enter_context(load_model(model))
             participants[role.name] = Participant(model, samplings[role.name], templates.get(role.name))
+        stack.enter_context(instance)
     except BaseException:
         stack.close()
         raise

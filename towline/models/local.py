@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
+from towline.models.local_scoring import CachedScoring
 from towline.sampling import draw, warp
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -35,6 +36,7 @@ from towline.models.base import (
     ModelError,
     Sampling,
     Scored,
+    ScoreState,
     Step,
     Token,
 )
@@ -292,6 +294,10 @@ class LocalModel(Model):
 
     def open(self, prompts: Sequence[str]) -> DecodeState:
         return _LocalDecodeState(self, prompts)
+
+    def open_scoring(self, prompts: Sequence[str]) -> ScoreState:
+        """Rows scored on top of their cached prefixes (re-read in full when ``reuse_prefix`` is off)."""
+        return CachedScoring(self, prompts, reuse=self.reuse_prefix)
 
 
 class _LocalDecodeState(DecodeState):
