@@ -203,7 +203,11 @@ def test_bad_options_are_refused_before_anything_loads():
     for options, message in [({"w": 0}, "w: must be at least 1"), ({"l": -1}, "l: must be at least 1"),
                              ({"scorer": "beam:x"}, "scorer: unknown scorer"),
                              ({"scorer": "function:no_such_module_here:f"}, "cannot import"),
-                             ({"tuned_template": "chatmll"}, "tuned_template: unknown template")]:
+                             ({"tuned_template": "chatmll"}, "tuned_template: unknown template"),
+                             ({"scorer": "function:math:hypot", "tuned_system": "Be nice."},
+                              "tuned_system: only applies to implicit scorers, not to function ones"),
+                             ({"scorer": Recording(), "untuned_template": "plain"},
+                              "untuned_template: only applies to a scorer given as an implicit")]:
         with pytest.raises(OptionError, match=message):
             ChunkBeamSearch(**options)
     with pytest.raises(OptionError, match="n: must be at least 1"):

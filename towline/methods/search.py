@@ -49,6 +49,7 @@ SEARCH_TEMPERATURE = 0.7
 SEARCH_TOP_K = 50
 """The paper's sampling settings, used where the base's own say greedy / no top-k."""
 DEFAULT_SCORER = "implicit:smollm2-135m-instruct,smollm2-135m-instruct"
+IMPLICIT_OPTIONS = ("tuned_template", "untuned_template", "tuned_system", "untuned_system")
 
 
 def search_sampling(sampling: Sampling) -> Sampling:
@@ -107,6 +108,7 @@ class _Search(Method):
         """(W, K, L), L None for unbounded."""
 
     def check(self) -> None:
+        kind = "open"
         if isinstance(self.scorer, str):
             try:
                 kind, args = parse_scorer(self.scorer)
@@ -114,6 +116,11 @@ class _Search(Method):
                     import_function(*args)
             except ValueError as error:
                 raise OptionError("scorer", str(error)) from None
+        for name in IMPLICIT_OPTIONS:
+            if getattr(self, name) is not None and kind != "implicit":
+                raise OptionError(name, "only applies to a scorer given as an implicit:TUNED,UNTUNED spec "
+                                        "(set it on the ImplicitValue you pass instead)" if kind == "open" else
+                                        f"only applies to implicit scorers, not to {kind} ones")
         for name in ("tuned_template", "untuned_template"):
             if getattr(self, name) is not None:
                 try:
