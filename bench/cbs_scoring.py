@@ -14,7 +14,9 @@ the base decodes the same candidates and the scorer judges the same texts:
 
 ``ratio`` is CBS seconds per prompt with cached scoring over those with full re-scoring; the
 base's decoding, the same in both, is part of both. ``scoring_ratio`` is the ratio of the
-time spent in the scorer alone.
+time spent in the scorer alone. Seconds are CPU seconds of this process (``time.process_time``,
+one thread): on an idle machine they equal wall seconds (also reported), and on a shared one
+they are not inflated by other processes' load.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ class TimedScorer(Scorer):
             calls, prompts, templates = inner.calls, inner.prompts, inner.templates
 
             def score(self, responses: Sequence[str]) -> list[float]:
-                started = time.perf_counter()
+                started = time.process_time()
                 try:
                     return inner.score(responses)
                 finally:
-                    timer.seconds += time.perf_counter() - started
+                    timer.seconds += time.process_time() - started
 
             def reorder(self, rows: Sequence[int]) -> None:
                 inner.reorder(rows)
@@ -91,12 +93,15 @@ def main() -> None:
         for mode in ("cached", "full"):
             small.reuse_prefix = mode == "cached"
             scorer.seconds = 0.0
+            cpu = time.process_time()
             result = search.run(request, {"base": Participant(base, SAMPLING)})
-            runs[mode].append({"seconds": result.seconds, "scoring_seconds": scorer.seconds, "text": result.text,
+            runs[mode].append({"seconds": time.process_time() - cpu, "wall_seconds": result.seconds,
+                               "scoring_seconds": scorer.seconds, "text": result.text,
                                "score": result.score, "tokens": result.tokens, "selections": result.selections})
     for mode, results in runs.items():
         report[mode] = {
             "seconds_per_prompt": round(sum(r["seconds"] for r in results) / len(results), 2),
+            "wall_seconds_per_prompt": round(sum(r["wall_seconds"] for r in results) / len(results), 2),
             "scoring_seconds_per_prompt": round(sum(r["scoring_seconds"] for r in results) / len(results), 2),
             "base_seconds_per_prompt": round(sum(r["seconds"] - r["scoring_seconds"] for r in results) / len(results), 2),
             "selections_per_prompt": sum(r["selections"] for r in results) / len(results),

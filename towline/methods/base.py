@@ -10,8 +10,8 @@ Every result extends :class:`Result`; :meth:`Result.to_dict` is derived from the
 public properties, so a new field shows in ``--json`` without being listed anywhere.
 
 >>> from towline.methods import METHODS
->>> sorted(METHODS)[:3]
-['base-only', 'guide-only', 'nudging']
+>>> {'base-only', 'guide-only', 'nudging'} <= set(METHODS)
+True
 >>> METHODS["nudging"](gamma=1.5)
 Traceback (most recent call last):
 towline.methods.base.OptionError: gamma: must be between 0 and 1, got 1.5
