@@ -256,3 +256,18 @@ def test_the_command_line_searches_offline(installed, method):
     assert isinstance(result["score"], float) and result["seconds"] > 0 and result["tokens"] <= 8
     assert result["model_calls"]["base"] >= 1 and result["model_calls"]["tuned"] == result["selections"]
     assert "Be positive." in result["prompts"]["tuned"] and "Be positive." not in result["prompts"]["untuned"]
+
+
+@pytest.mark.real_models
+def test_search_over_a_server_draws_among_the_listed_tokens(gemma_url):
+    from towline.models.openai import OpenAIModel
+
+    served = OpenAIModel("gemma-3-270m", base_urls=[gemma_url])
+    scorer = Recording()
+    result = search(served, ChunkBeamSearch(w=3, k=1, l=2, max_tokens=4, scorer=scorer, all_candidates=True),
+                    sampling=Sampling(temperature=0.7, top_k=5, seed=2))
+    # A server's decode state lists the top-k tokens with their text: the draw is among them,
+    # and the end of text is never among them, so every candidate runs to the budget.
+    assert result.stop_reason == "length" and result.model_calls == {"base": 2, "recording": 2}
+    assert [c.tokens for c in result.candidates] == [4, 4, 4]
+    assert all(c.text for c in result.candidates)
