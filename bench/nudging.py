@@ -2,7 +2,8 @@
 
     python bench/nudging.py [--questions 3] [--max-tokens 128]
 
-Runs the first GSM8K questions (../shared/data/gsm8k.jsonl) with prefix-KV reuse on and off
+Runs the first GSM8K questions (the copy bundled with towline's evaluation data) with prefix-KV
+reuse on and off
 and reports wall time, output tokens per second, guide share, model calls and peak memory.
 """
 
@@ -12,15 +13,14 @@ import argparse
 import json
 import resource
 import time
-from pathlib import Path
 
 import torch
 
+from towline.eval import datasets
 from towline.methods.nudging import nudge
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k.jsonl"
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()[: args.questions]]
+    rows = datasets.load("gsm8k")[: args.questions]
     requests = [PromptRequest(question=r["question"], question_prefix="Question: ",
                               system="Answer the question by walking through the reasoning steps.") for r in rows]
     started = time.perf_counter()

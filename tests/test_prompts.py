@@ -293,3 +293,67 @@ def test_prompt_properties(request):
         assert built.text.endswith(request.answer_start)
         assert request.question.strip() in built.text  # some templates trim the user turn
         assert request.system.strip() in built.text  # kept, whether as a turn or merged
+
+
+# --- conversations (earlier turns) ----------------------------------------------------------
+
+TALK = dataclasses.replace(FULL, history=(prompts.Turn("user", "What is 1+1?"), prompts.Turn("assistant", "2")))
+
+
+def test_plain_history_is_a_verbatim_transcript_before_the_question():
+    assert build_prompt(TALK, chat=False).text == (
+        "Answer briefly.\nWhat is 1+1?\n2\nSubject: math\nQuestion: What is 2+2?\nAnswer:"
+    )
+    no_system = dataclasses.replace(TALK, system="")
+    assert build_prompt(no_system, chat=False).text.startswith("What is 1+1?\n2\nSubject: math\n")
+
+
+def test_chatml_history_turns_come_between_system_and_question():
+    assert build_prompt(TALK, chat=True, template="chatml").text == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+        "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\nSubject: math\nQuestion: What is 2+2?"
+        "<|im_end|>\n<|im_start|>assistant\nAnswer:"
+    )
+
+
+def test_system_is_merged_into_the_first_user_turn_of_a_conversation():
+    built = build_prompt(TALK, chat=True, model_template=GEMMA_IT, bos_token="<bos>")
+    assert built.text == (
+        "<bos><start_of_turn>user\nAnswer briefly.\nWhat is 1+1?<end_of_turn>\n<start_of_turn>model\n2"
+        "<end_of_turn>\n<start_of_turn>user\nSubject: math\nQuestion: What is 2+2?<end_of_turn>\n"
+        "<start_of_turn>model\nAnswer:"
+    )
+
+
+@pytest.mark.parametrize("family", ["gemma-it", "llama-2-chat", "llama-3"])
+def test_family_matches_official_template_with_history(family):
+    official, bos, eos = {"gemma-it": (GEMMA_IT, "<bos>", "<eos>"), "llama-2-chat": (LLAMA_2_CHAT, "<s>", "</s>"),
+                          "llama-3": (LLAMA_3, "<|begin_of_text|>", "<|end_of_text|>")}[family]
+    ours = build_prompt(TALK, chat=True, template=family).text
+    theirs = build_prompt(TALK, chat=True, model_template=official, bos_token=bos, eos_token=eos).text
+    assert theirs == bos + ours  # the families leave the first BOS to the tokenizer
+
+
+def test_history_accepts_dicts_and_tuples_and_stays_hashable():
+    request = PromptRequest(question="q", history=[{"role": "user", "content": "a"}, ("assistant", "b")])
+    assert request.history == (prompts.Turn("user", "a"), prompts.Turn("assistant", "b"))
+    assert hash(request) == hash(dataclasses.replace(request))
+
+
+def test_history_turn_roles_are_checked():
+    with pytest.raises(ValueError, match="role must be 'user' or 'assistant', got 'system'"):
+        PromptRequest(question="q", history=[{"role": "system", "content": "x"}])
+
+
+turns = st.lists(st.builds(prompts.Turn, role=st.sampled_from(prompts.ROLES), content=texts), max_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, turns)
+def test_conversation_properties(request, history):
+    talk = dataclasses.replace(request, history=history)
+    for built in [build_prompt(talk, chat=False)] + [build_prompt(talk, chat=True, template=f) for f in ("chatml", "llama-3")]:
+        assert built.text.endswith(request.answer_start)
+        for turn in history:
+            assert turn.content.strip() in built.text
+    assert build_prompt(dataclasses.replace(request, history=()), chat=False) == build_prompt(request, chat=False)

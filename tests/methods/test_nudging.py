@@ -22,8 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from towline.methods.nudging import NudgingResult, Round, nudge, split_words, strip_repeated_suffix
-from towline.models.base import GREEDY, Completion, Model, Sampling, Step, Token
+from towline.methods.nudging import NudgingResult, nudge, split_words, strip_repeated_suffix
+from towline.models.base import GREEDY, Completion, Model, ModelError, Sampling, Step, Token
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest, build_prompt
 
@@ -118,24 +118,25 @@ def sentence(words: Sequence[str], *, prob: float = 0.9, then_end: bool = True):
 
 
 class ScriptedGuide(Scripted):
-    """A guide that proposes the given texts, one per call, then ends its answer."""
+    """A guide that proposes the given texts, one per call, then ends its answer with
+    ``final`` (its last text before its end of text)."""
 
     chat_template = None
 
-    def __init__(self, proposals: Sequence[str], name: str = "scripted-guide") -> None:
+    def __init__(self, proposals: Sequence[str], name: str = "scripted-guide", final: str = "") -> None:
         self.proposals = list(proposals)
         self.name = name
+        self.final = final
         self.seen: list[str] = []
 
     def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=()):
         (prompt,) = prompts
         self.seen.append(prompt)
-        if len(self.seen) > len(self.proposals):
-            return [Completion("", [], "end")]
-        tokens = word_tokens(self.proposals[len(self.seen) - 1])
+        ended = len(self.seen) > len(self.proposals)
+        tokens = word_tokens(self.final if ended else self.proposals[len(self.seen) - 1])
         assert len(tokens) <= max_tokens, "scripted proposal longer than guide_chunk"
         steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
-        return [Completion("".join(tokens), steps, "length")]
+        return [Completion("".join(tokens), steps, "end" if ended else "length")]
 
     def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
         yield from self.complete([prompt], max_tokens=max_tokens)[0].steps
@@ -332,11 +333,23 @@ def test_length_budget_on_tiny_models(tiny_base, tiny_guide):
     result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=max_tokens)
     assert result.stop_reason == "length"
     assert result.guide_tokens == sum(tiny_base.count_tokens(w) for w in result.nudging_words)
-    last = tiny_base.count_tokens(result.rounds[-1].nudging_words)
-    # The round that reached the budget may overshoot by its nudging words, never more.
-    assert max_tokens <= result.tokens <= max(max_tokens, max_tokens - 1 + last)
+    assert result.tokens == max_tokens
     assert result.text == strip_repeated_suffix(joined(result))
     assert 0 <= result.guide_token_fraction <= 1
+
+
+@settings(max_examples=15, deadline=None)
+@given(max_tokens=st.integers(1, 48), guide_chunk=st.sampled_from([1, 2, 5, 16, 128]),
+       base_chunk=st.sampled_from([1, 3, 16]), gamma=st.sampled_from([0.0, 0.4, 1.0]))
+def test_length_budget_is_never_exceeded(tiny_base, tiny_guide, max_tokens, guide_chunk, base_chunk, gamma):
+    # Large guide chunks and γ = 1 (the base never confident) make long nudging words, the
+    # case that used to pass the budget: --max-tokens 4 --guide-chunk 128 gave 56 tokens.
+    result = nudge(base=tiny_base, guide=tiny_guide, request=QUESTION, max_tokens=max_tokens,
+                   guide_chunk=guide_chunk, base_chunk=base_chunk, gamma=gamma)
+    assert result.tokens <= max_tokens
+    assert result.guide_tokens == sum(tiny_base.count_tokens(w) for w in result.nudging_words)
+    assert result.stop_reason in {"length", "guide_stop", "repeated_nudging", "rounds"}
+    assert result.text == strip_repeated_suffix(joined(result))
 
 
 def test_different_tokenizers(tiny_base, tiny_bpe, bpe_tokenizer, smollm2_tokenizer):
@@ -358,7 +371,8 @@ def test_different_tokenizers(tiny_base, tiny_bpe, bpe_tokenizer, smollm2_tokeni
             assert result.guide_tokens == sum(base.count_tokens(w) for w in result.nudging_words)
             assert result.prompts["guide"].startswith("<|im_start|>")
             assert result.prompts["base"] == QUESTION + "\n"
-            assert result.model_calls["guide"] == len(result.rounds)
+            # A repeated-nudging stop asked the guide once more, for words it did not append.
+            assert result.model_calls["guide"] == len(result.rounds) + (result.stop_reason == "repeated_nudging")
 
 
 def test_result_fields(tiny_base, tiny_guide):
@@ -504,29 +518,129 @@ def test_base_phase_stops_before_the_first_unsure_token_across_chunks():
     assert result.base_tokens == 5
 
 
-# -- step 5: repetition guards (scripted base) --------------------------------------------
+# -- step 3: the base phase's rules (scripted base) ---------------------------------------
+
+
+def follows(marker: str, tokens: Sequence[tuple[str, float]], default=(" zz", LOW)):
+    """A base that, after the last ``marker`` in the text, writes ``tokens`` ((text, prob)
+    pairs) in order and then ends its text; anywhere else it answers ``default``."""
+
+    def rule(text: str) -> tuple[str | None, float]:
+        if marker not in text:
+            return default
+        after, written = text[text.rindex(marker) + len(marker):], ""
+        for token, prob in tokens:
+            if after == written:
+                return token, prob
+            written += token
+        return (EOS, HIGH) if after == written else default
+
+    return rule
+
+
+def sure(*texts: str) -> list[tuple[str, float]]:
+    return [(t, HIGH) for t in texts]
 
 
 def test_chunk_already_in_this_rounds_base_text_ends_the_base_phase():
     base = ScriptedBase(sentence(["one", "two", "three"], then_end=False))
     result = run(base, ScriptedGuide(["Start here"]), base_chunk=3)
-    # First chunk " one two three"; the second is the same text: dropped, base phase over.
+    # First token " one", first chunk " two three"; the next chunk repeats the round's text.
     assert pairs(result) == [("Start", " one two three"), ("", "")]
     assert base.asked == [BASE_PROMPT + "Start", BASE_PROMPT + "Start one two three"]
     assert result.base_tokens == 3
     assert result.text == "Start one two three"
 
 
-@pytest.mark.parametrize("n_words, dropped", [(5, False), (6, True), (8, True)])
-def test_chunk_of_more_than_five_words_already_in_out_is_dropped(n_words, dropped):
-    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"][:n_words]
-    base = ScriptedBase(sentence(names))
-    result = run(base, ScriptedGuide(["Start here", " Again now"]))
-    said = "".join(" " + w for w in names)
-    assert pairs(result)[0] == ("Start", said)  # the base says its sentence, then ends
-    assert pairs(result)[1] == (" Again", "" if dropped else said)
-    assert result.base_tokens == n_words * (1 if dropped else 2)
-    assert result.stop_reason == "guide_stop"
+def test_the_rounds_first_base_token_is_kept_when_rule_c_drops_its_chunk():
+    # The traced case: after "Therefore," the base repeats an earlier line. Its first token
+    # " James" stays (it made the base ready); only the rest of the chunk is refused.
+    line = " James runs 1440 meters a week."
+    base = ScriptedBase(follows("Therefore,", sure(*word_tokens(line)) + [(" x", LOW)]))
+    result = run(base, ScriptedGuide(["So" + line + " Then", " Therefore, James"]))
+    assert pairs(result) == [("So" + line, ""), (" Therefore,", " James"), ("", "")]
+    assert result.text == "So" + line + " Therefore, James"
+    assert result.base_tokens == 1
+
+
+def test_rule_a_on_the_first_chunk_keeps_the_first_token():
+    # base_chunk 2: the first chunk is the one token after the first; it repeats the round's
+    # text (the first token), so the phase ends with the first token alone.
+    base = ScriptedBase(follows("Start", sure(*[" la"] * 20)))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=2)
+    assert pairs(result)[0] == ("Start", " la")
+    assert base.asked == [BASE_PROMPT + "Start"]
+
+
+def test_base_chunk_one_gives_one_base_token_per_round():
+    # The first chunk of a one-token response is empty, and the empty text always repeats.
+    base = ScriptedBase(follows("Start", sure(" a", " b", " c", " d")))
+    result = run(base, ScriptedGuide(["Start here", " b c", " d e"]), base_chunk=1)
+    assert pairs(result) == [("Start", " a"), (" b", " c"), (" d", ""), ("", "")]
+    assert result.base_tokens == 2 and base.steps_decoded == 2
+
+
+def test_rule_a_compares_the_whole_chunk_past_its_unsure_token():
+    # Second chunk: " b" (sure), " c" (unsure), " e f". Its accepted text " b" occurs in the
+    # round's text " a b c d", its whole text " b c e f" does not: " b" is appended.
+    base = ScriptedBase(follows("Start", sure(" a", " b", " c", " d", " b") + [(" c", LOW)] + sure(" e", " f")))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=4)
+    assert pairs(result)[0] == ("Start", " a b c d b")
+    assert base.steps_decoded == 1 + 3 + 4  # the check, the first chunk, all of the second
+    # Whole text " a b c" in the round's text: nothing of that chunk is added.
+    base = ScriptedBase(follows("Start", sure(" a", " b", " c", " a") + [(" b", LOW)] + sure(" c")))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=3)
+    assert pairs(result)[0] == ("Start", " a b c")
+    assert base.steps_decoded == 1 + 2 + 3
+
+
+@pytest.mark.parametrize("second_chunk, kept, read", [
+    ([(" q", HIGH), (" r", LOW), (" s", HIGH), (" t", HIGH)], " q", 2),  # " q" is new: (a) cannot fire
+    ([(" r", LOW), (" b", HIGH), (" c", HIGH), (" d", HIGH)], "", 1),  # nothing accepted, nothing to add
+    ([(" b", HIGH), (" r", LOW), (" s", HIGH), (" t", HIGH)], " b", 4),  # " b" repeats: read the whole chunk
+])
+def test_tokens_past_the_unsure_one_are_read_only_when_rule_a_needs_them(second_chunk, kept, read):
+    base = ScriptedBase(follows("Start", sure(" a", " b", " c", " d") + second_chunk))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=4)
+    assert pairs(result)[0] == ("Start", " a b c d" + kept)
+    assert base.steps_decoded == 1 + 3 + read
+
+
+def test_a_long_repeat_is_dropped_without_reading_past_its_unsure_token():
+    # The second chunk's accepted text " b c d e f g" (7 pieces) is in the round's text:
+    # rule (c) drops it whatever rule (a) would say, so the rest is never read.
+    words = [" b", " c", " d", " e", " f", " g"]
+    base = ScriptedBase(follows("Start", sure(" a", *words, " h", *words) + [(" h", LOW)] + sure(" i")))
+    result = run(base, ScriptedGuide(["Start here"]), base_chunk=8)
+    assert pairs(result)[0] == ("Start", " a b c d e f g h")
+    assert base.steps_decoded == 1 + 7 + 7
+
+
+@pytest.mark.parametrize("repeated, dropped", [
+    (" runs 1440 meters a week.", True),  # 5 words, 6 pieces: the leading space counts
+    (" one\ntwo\nthree\nfour\nfive\nsix", False),  # 6 words, 2 pieces: newlines do not split
+])
+def test_rule_c_counts_pieces_split_on_single_spaces(repeated, dropped):
+    # Round 1's nudging words hold the text; in round 2 it comes back as a whole chunk.
+    tokens = word_tokens(repeated)
+    filler = [" f1", " f2", " f3", " f4"][: len(tokens) - 2]
+    base = ScriptedBase(follows("Then", sure(" he", *filler, " James", *tokens) + [(" x", LOW)]))
+    result = run(base, ScriptedGuide(["So did James" + repeated + " Then", " Then he"]), base_chunk=len(tokens))
+    opening = " he" + "".join(filler) + " James"
+    assert pairs(result)[:2] == [("So did James" + repeated, ""), (" Then", opening + ("" if dropped else repeated))]
+
+
+def test_chunk_of_more_than_five_pieces_already_in_out_is_dropped():
+    # The base says its sentence twice, after "Start" and after "Again"; the second time,
+    # the first token stays and the rest of the sentence goes when it has more than 5 pieces.
+    for n_words, dropped in [(5, False), (6, True), (8, True)]:
+        names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"][:n_words]
+        base = ScriptedBase(sentence(names))
+        result = run(base, ScriptedGuide(["Start here", " Again now"]))
+        said = "".join(" " + w for w in names)
+        assert pairs(result)[0] == ("Start", said)
+        assert pairs(result)[1] == (" Again", " alpha" if dropped else said)
+        assert result.stop_reason == "guide_stop"
 
 
 def test_final_text_strips_a_repeated_suffix():
@@ -539,16 +653,41 @@ def test_final_text_strips_a_repeated_suffix():
     assert result.stop_reason == "guide_stop"
 
 
-# -- step 4: stop conditions (scripted) ---------------------------------------------------
+# -- step 2, the last word and step 4: stop conditions (scripted) --------------------------
 
 
-def test_repeated_nudging_stops_after_three_same_rounds():
+def test_an_empty_last_word_is_not_accepted_either():
+    base = ScriptedBase(rules({}, default=(" x", LOW)))
+    result = run(base, ScriptedGuide(["Hello world "]))
+    assert pairs(result)[0] == ("Hello world", "")
+    assert base.asked == [BASE_PROMPT + "Hello"]
+
+
+def test_repeated_nudging_stops_before_a_fourth_round_of_the_same_words():
     base = ScriptedBase(rules({}, default=(" x", HIGH)))
-    guide = ScriptedGuide([" a", " a", " b", " a", " a", " a", " a", " a"])
-    result = run(base, guide)
+    seen = []
+    result = run(base, ScriptedGuide([" a", " a", " b", " a", " a", " a", " a", " a"]),
+                 on_text=lambda piece, role: seen.append(piece))
     assert result.stop_reason == "repeated_nudging"
     assert result.nudging_words == [" a", " a", " b", " a", " a", " a"]
     assert result.text == " a a b a a a"
+    assert result.model_calls["guide"] == 7  # the seventh proposal was made, and not appended
+    assert "".join(seen) == result.text
+
+
+def test_three_rounds_of_the_same_words_do_not_stop():
+    base = ScriptedBase(rules({}, default=(" x", HIGH)))
+    result = run(base, ScriptedGuide([" a", " a", " a", " b"]))
+    assert result.stop_reason == "guide_stop"
+    assert result.text == " a a a b"
+
+
+def test_repeated_nudging_counts_rounds_that_had_a_base_phase():
+    # Each round: the guide's " So", then the base's one token (it ends its text there).
+    base = ScriptedBase(rules({"So": (" x", HIGH), "x": (EOS, HIGH)}, default=(" y", LOW)))
+    result = run(base, ScriptedGuide([" So it"] * 6))
+    assert pairs(result) == [(" So", " x")] * 3
+    assert result.stop_reason == "repeated_nudging"
 
 
 def test_max_rounds_stops():
@@ -569,14 +708,31 @@ def test_length_stop_counts_base_tokens_exactly():
     assert result.guide_token_fraction == pytest.approx(0.1)
 
 
-def test_length_stop_may_overshoot_by_one_rounds_nudging_words():
+def test_nudging_words_are_cut_at_the_budget():
     base = ScriptedBase(rules({}, default=(" x", LOW)))  # never ready: no base phase
     guide = ScriptedGuide([" a b c d e", " f g h i j", " k l m n o", " p q"])
     result = run(base, guide, max_tokens=10)
     assert result.stop_reason == "length"
-    assert result.nudging_words == [" a b c d", " f g h i", " k l m n"]
-    assert result.tokens == 12  # 8 < 10 before the last round; its 4 words pass the budget
-    assert result.tokens - base.count_tokens(result.nudging_words[-1]) < 10
+    # 8 tokens before the third round; its words " k l m n" are cut to the 2 that fit.
+    assert result.nudging_words == [" a b c d", " f g h i", " k l"]
+    assert result.tokens == 10 and result.text == " a b c d f g h i k l"
+
+
+def test_the_guides_final_text_is_cut_at_the_budget():
+    base = ScriptedBase(rules({}, default=(" x", LOW)))
+    result = run(base, ScriptedGuide([], final=" one two three four"), max_tokens=3)
+    assert (pairs(result), result.stop_reason, result.tokens) == ([(" one two three", "")], "length", 3)
+    result = run(base, ScriptedGuide([], final=" one two three four"), max_tokens=4)
+    assert (pairs(result), result.stop_reason, result.tokens) == ([(" one two three four", "")], "guide_stop", 4)
+
+
+def test_words_that_fill_the_budget_leave_no_base_phase():
+    base = ScriptedBase(rules({}, default=(" la", HIGH)))  # ready at once
+    result = run(base, ScriptedGuide([" Go on", " More of it"]), max_tokens=1)
+    assert pairs(result) == [(" Go", "")] and result.stop_reason == "length"
+    result = run(base, ScriptedGuide([" Go on"]), max_tokens=2)
+    assert pairs(result) == [(" Go", " la")] and result.stop_reason == "length"
+    assert base.steps_decoded == 2  # one step each time: the budget ends the reading
 
 
 def test_length_budget_caps_the_base_phase_across_chunks():
@@ -586,6 +742,67 @@ def test_length_budget_caps_the_base_phase_across_chunks():
     assert result.stop_reason == "length"
     assert (result.guide_tokens, result.base_tokens) == (1, 7)
     assert len(base.asked) == 3  # the check (chunk 1: 3 tokens), chunk 2 (3), chunk 3 (1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(proposals=st.lists(st.lists(st.sampled_from(["a", "bb", "", "c\nd"]), min_size=1, max_size=8)
+                          .map(" ".join), max_size=6),
+       max_tokens=st.integers(1, 30), base_chunk=st.integers(1, 5), prob=st.sampled_from([LOW, HIGH]))
+def test_budget_holds_on_scripted_models(proposals, max_tokens, base_chunk, prob):
+    base = ScriptedBase(lambda text: (f" t{len(text) % 7}", prob))
+    guide = ScriptedGuide(proposals, final="the end of it all")
+    result = run(base, guide, max_tokens=max_tokens, base_chunk=base_chunk)
+    assert result.tokens <= max_tokens
+    assert result.tokens == sum(base.count_tokens(w) for w in result.nudging_words) + result.base_tokens
+
+
+# -- a model that fails mid-answer (scripted) ---------------------------------------------
+
+
+class DyingBase(ScriptedBase):
+    """A scripted base whose server dies when it is asked for its ``dies_at``-th step."""
+
+    def __init__(self, rule, dies_at: int) -> None:
+        super().__init__(rule)
+        self.dies_at = dies_at
+
+    def _decode(self, prompt: str, max_tokens: int):
+        for step in super()._decode(prompt, max_tokens):
+            if self.steps_decoded >= self.dies_at:
+                raise ModelError("http://127.0.0.1:1/v1 is gone")
+            yield step
+
+
+def test_a_model_failing_mid_answer_returns_the_answer_so_far():
+    numbered = lambda text: (f" t{len(text.split())}", HIGH)  # noqa: E731
+    seen: list[str] = []
+    # Steps: 1 the check, 2-3 the first chunk, 4-6 the second chunk, which dies at 6.
+    base = DyingBase(numbered, dies_at=6)
+    result = run(base, ScriptedGuide([" Go on", " More now"]), base_chunk=3,
+                 on_text=lambda piece, role: seen.append(piece))
+    assert result.stop_reason == "error" and result.error == "http://127.0.0.1:1/v1 is gone"
+    assert pairs(result) == [(" Go", " t4 t5 t6")]  # the words and the base text accepted so far
+    assert "".join(seen) == result.text == " Go t4 t5 t6"
+    assert (result.guide_tokens, result.base_tokens) == (1, 3)
+    assert result.to_dict()["error"] == result.error
+    # Round 1 as before, but the base ends its text after " t6"; round 2's readiness
+    # question (step 4) dies: round 2 has no decided words, round 1 is all there.
+    base = DyingBase(lambda text: (EOS, HIGH) if len(text.split()) == 7 else numbered(text), dies_at=4)
+    result = run(base, ScriptedGuide([" Go on", " More now"]), base_chunk=3)
+    assert (pairs(result), result.stop_reason, result.text) == ([(" Go", " t4 t5 t6")], "error", " Go t4 t5 t6")
+
+
+def test_a_guide_failing_mid_answer_keeps_the_rounds_before():
+    class DyingGuide(ScriptedGuide):
+        def complete(self, prompts, **kwargs):
+            if len(self.seen) == 2:
+                raise ModelError("the guide's server is gone")
+            return super().complete(prompts, **kwargs)
+
+    base = ScriptedBase(rules({}, default=(" x", LOW)))
+    result = run(base, DyingGuide([" a b", " c d", " e f"]))
+    assert pairs(result) == [(" a", ""), (" c", "")]
+    assert (result.stop_reason, result.error, result.text) == ("error", "the guide's server is gone", " a c")
 
 
 # -- cost ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from towline.models.base import Sampling, Token
+from towline.models.base import ModelError, Sampling, Token
 from towline.models.local import LocalModel
 
 PROMPTS = [
@@ -21,6 +21,11 @@ PROMPTS = [
 ]
 # Its greedy continuation re-tokenizes to the very tokens generated (checked where it matters).
 ROUND_TRIP_PROMPT = PROMPTS[1]
+
+TOLERANCE = 1e-3
+"""Log-probs of one sequence computed in differently shaped passes (one token at a time,
+several at once, other rows beside it) differ in the last float32 bits; the tiny models'
+log-probs reach -40, where that is ~4e-4."""
 
 
 class ForwardCounter:
@@ -363,14 +368,217 @@ def test_decode_state_reorder_matches_fresh_states(fresh):
     tokens = [state.next()[0].top[0], alt, state.next()[2].top[0]]
     state.append(tokens)
     reference.append(tokens)
+    # The reference feeds its last two tokens in one pass (appends wait for a next()),
+    # the state one by one: equal up to float rounding.
     for g, w in zip(state.next(), reference.next()):
-        np.testing.assert_allclose(g.full, w.full, atol=1e-4)
+        np.testing.assert_allclose(g.full, w.full, atol=TOLERANCE)
 
 
 def test_decode_state_needs_token_ids(fresh):
     state = fresh.open([PROMPTS[0]])
     with pytest.raises(ValueError):
         state.append([Token(" x", -1.0)])
+
+
+def greedy_ids(model: LocalModel, prompt: str, n: int) -> list[int]:
+    return [s.token.id for s in model.complete([prompt], max_tokens=n)[0].steps]
+
+
+def assert_matches_recomputed(model: LocalModel, prompt: str, appended: list[int], dist) -> None:
+    """``dist`` is what a plain forward over prompt + appended (no cache) predicts next."""
+    expected = full_logprobs(model, ids_of(model, prompt) + appended)[-1]
+    np.testing.assert_allclose(dist.full, expected.numpy(), atol=TOLERANCE)
+    assert dist.top[0].id == int(expected.argmax())
+
+
+def test_reordered_cache_gives_the_logits_of_a_recomputed_prefix(fresh):
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    runs = [greedy_ids(fresh, p, 3) for p in prompts]
+    with fresh.open(prompts) as state:
+        for position in range(2):
+            state.append([run[position] for run in runs])
+        state.reorder([1, 0, 0])
+        state.append([runs[1][2], runs[0][2], runs[1][2]])  # row 2 leaves row 1's path
+        got = state.next()
+    assert_matches_recomputed(fresh, PROMPTS[1], runs[1], got[0])
+    assert_matches_recomputed(fresh, PROMPTS[0], runs[0], got[1])
+    assert_matches_recomputed(fresh, PROMPTS[0], runs[0][:2] + [runs[1][2]], got[2])
+
+
+def test_append_takes_ids_and_records_their_text(fresh):
+    run = greedy_ids(fresh, ROUND_TRIP_PROMPT, 6)
+    with fresh.open([ROUND_TRIP_PROMPT]) as state:
+        for token_id in run:
+            state.append([token_id])
+        assert state.texts == [fresh.complete([ROUND_TRIP_PROMPT], max_tokens=6)[0].text]
+        assert_matches_recomputed(fresh, ROUND_TRIP_PROMPT, run, state.next()[0])
+
+
+def test_extend_equals_appending_step_by_step_in_one_pass(fresh):
+    prompts = PROMPTS
+    drafts = [greedy_ids(fresh, PROMPTS[0], 5), [], greedy_ids(fresh, PROMPTS[2], 3)]  # ragged, one empty
+    drafts[0][2] = fresh.tokenizer(" banana", add_special_tokens=False).input_ids[0]  # off the model's path
+    stepwise = []  # per row: next() after each appended token, one state per row
+    for prompt, draft in zip(prompts, drafts):
+        with fresh.open([prompt]) as single:
+            row = []
+            for token_id in draft:
+                single.append([token_id])
+                row.append(single.next(top_logprobs=3)[0])
+            stepwise.append(row)
+    counter = ForwardCounter(fresh.model)
+    try:
+        with fresh.open(prompts) as state:
+            counter.reset()
+            got = state.extend(drafts, top_logprobs=3)
+            assert counter.calls == 1
+            after = state.next(top_logprobs=3)
+            assert counter.calls == 1  # next() after extend needs no forward
+            for row, draft in enumerate(drafts):
+                assert len(got[row]) == len(draft)
+                for g, e in zip(got[row], stepwise[row]):
+                    np.testing.assert_allclose(g.full, e.full, atol=TOLERANCE)
+                    assert [t.id for t in g.top] == [t.id for t in e.top]
+                    assert [t.text for t in g.top] == [t.text for t in e.top]
+                for k, g in enumerate(got[row]):
+                    assert_matches_recomputed(fresh, prompts[row], draft[: k + 1], g)
+                if draft:
+                    np.testing.assert_allclose(after[row].full, got[row][-1].full, atol=1e-6)
+                assert_matches_recomputed(fresh, prompts[row], draft, after[row])
+            assert state.texts == [fresh.tokenizer.decode(d) for d in drafts]
+            # Rows with holes (row 1 got nothing above) go on decoding correctly.
+            more = [d.top[0].id for d in after]
+            state.append(more)
+            final = state.next()
+        for row in range(len(prompts)):
+            assert_matches_recomputed(fresh, prompts[row], drafts[row] + [more[row]], final[row])
+    finally:
+        counter.remove()
+
+
+def test_appended_tokens_and_an_extend_go_in_one_pass(fresh):
+    run = greedy_ids(fresh, PROMPTS[0], 4)
+    counter = ForwardCounter(fresh.model)
+    try:
+        with fresh.open([PROMPTS[0]]) as state:
+            counter.reset()
+            state.append([run[0]])
+            (dists,) = state.extend([run[1:]])
+            assert counter.calls == 1 and counter.tokens == 4
+    finally:
+        counter.remove()
+    assert len(dists) == 3
+    assert_matches_recomputed(fresh, PROMPTS[0], run, dists[-1])
+    assert_matches_recomputed(fresh, PROMPTS[0], run[:2], dists[0])
+
+
+@pytest.mark.parametrize("rollback", [[2, 2], [1, 3], [0, 4], [5, 1]])
+def test_truncate_then_extend_equals_a_fresh_state(fresh, rollback):
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    runs = [greedy_ids(fresh, p, 5) for p in prompts]
+    wrong = fresh.tokenizer(" banana banana", add_special_tokens=False).input_ids
+    counter = ForwardCounter(fresh.model)
+    try:
+        with fresh.open(prompts) as state:
+            state.append([r[0] for r in runs])
+            state.next()
+            state.extend([r[1:] for r in runs])  # the latest feed: 4 tokens per row
+            counter.reset()
+            state.truncate(rollback)
+            kept = [run[: len(run) - n] for run, n in zip(runs, rollback)]
+            assert state.texts == [fresh.tokenizer.decode(k) for k in kept]
+            after = state.next()
+            # Rolled back within the latest feed: no forward; further back: one, one token a row.
+            assert counter.calls == (0 if max(rollback) < 5 else 1)
+            assert counter.tokens == (0 if max(rollback) < 5 else 1)
+            for row in range(2):
+                assert_matches_recomputed(fresh, prompts[row], kept[row], after[row])
+            redo = state.extend([wrong, wrong[:1]])
+        for row, added in enumerate([wrong, wrong[:1]]):
+            reference = fresh.open([prompts[row]])
+            expected = reference.extend([kept[row] + added])[0][len(kept[row]):]
+            for g, e in zip(redo[row], expected):
+                np.testing.assert_allclose(g.full, e.full, atol=TOLERANCE)
+            assert_matches_recomputed(fresh, prompts[row], kept[row] + added, redo[row][-1])
+    finally:
+        counter.remove()
+
+
+def test_truncate_gives_back_cache_columns_and_pending_tokens(fresh):
+    run = greedy_ids(fresh, PROMPTS[1], 6)
+    state = fresh.open([PROMPTS[1], PROMPTS[1]])
+    prompt_width = state._batch.mask.shape[-1]
+    state.extend([run, run])
+    state.truncate(3)  # the same count on every row: the cache really shrinks
+    assert state._batch.mask.shape[-1] == prompt_width + 3
+    state.truncate([1, 0])  # one row only: a masked hole, the cache keeps its columns
+    assert state._batch.mask.shape[-1] == prompt_width + 3
+    state.truncate([0, 1])  # now neither row uses the last column
+    assert state._batch.mask.shape[-1] == prompt_width + 2
+    state.append([run[2], run[2]])
+    state.truncate(1)  # a pending token is simply dropped
+    assert state.texts == [fresh.tokenizer.decode(run[:2])] * 2
+    with pytest.raises(ValueError, match="row 0 has 2 appended tokens"):
+        state.truncate(3)
+    with pytest.raises(ValueError, match="1 counts for 2 rows"):
+        state.truncate([1])
+    state.truncate(2)
+    assert state.texts == ["", ""]
+    for dist in state.next():
+        assert_matches_recomputed(fresh, PROMPTS[1], [], dist)
+
+
+@pytest.fixture(scope="module")
+def windowed(smollm2_tokenizer) -> LocalModel:
+    """A tiny Gemma 3 whose first layer sees only the last 12 tokens (sliding window)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    tokenizer = smollm2_tokenizer
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return LocalModel(Gemma3ForCausalLM(config).eval(), tokenizer, name="tiny-windowed", reuse_prefix=False)
+
+
+def test_sliding_window_rows_roll_back_within_the_window_and_refuse_past_it(windowed):
+    prompt = PROMPTS[0]  # 5 tokens
+    run = greedy_ids(windowed, prompt, 12)
+    with windowed.open([prompt, prompt]) as state:
+        state.extend([run[:4], run[:2]])  # ragged, 9 columns: below the window
+        state.truncate([1, 0])
+        for row, kept in enumerate([run[:3], run[:2]]):
+            assert_matches_recomputed(windowed, prompt, kept, state.next()[row])
+        with pytest.raises(ModelError, match="sliding window of 12"):
+            state.extend([run[3:6], run[2:3]])  # different lengths reaching the window
+        assert state.texts == [windowed.tokenizer.decode(run[:3]), windowed.tokenizer.decode(run[:2])]
+        state.truncate([1, 0])
+        state.extend([run[2:8], run[2:8]])  # alike: exact past the window
+        for dist in state.next():
+            assert_matches_recomputed(windowed, prompt, run[:8], dist)
+        with pytest.raises(ModelError, match="cannot be rolled back"):
+            state.truncate(1)
+
+
+def test_a_closed_state_refuses_use(fresh):
+    with fresh.open([PROMPTS[0]]) as state:
+        state.next()
+    for use in (state.next, lambda: state.append([1]), lambda: state.extend([[1]]),
+                lambda: state.truncate(0), lambda: state.reorder([0])):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+    state.close()  # closing twice is harmless
+
+
+def test_vocabulary_and_end_of_text(tiny_base, tiny_guide, tiny_bpe):
+    assert tiny_base.vocabulary == tiny_guide.vocabulary != tiny_bpe.vocabulary
+    assert str(len(tiny_base.tokenizer)) in tiny_base.vocabulary
+    eos = tiny_base.tokenizer.eos_token_id
+    assert eos in tiny_base.end_ids and tiny_base.tokenizer.eos_token in tiny_base.end_texts
+    assert tiny_base.is_end(Token("", 0.0, eos)) and not tiny_base.is_end(Token("a", 0.0, eos + 1))
 
 
 # -- prefix reuse -------------------------------------------------------------------------

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import socket
-import time
 
 import pytest
 
-from towline.models.base import ModelError, Sampling
+from towline.models.base import ModelError, Sampling, Token
+from killable_server import killable_server
 from towline.models.openai import OpenAIModel
 
 pytestmark = pytest.mark.real_models
@@ -108,22 +108,60 @@ def test_requests_go_round_robin_over_the_urls(smol_url, gemma_url):
     assert later == smol_text
 
 
-def test_server_down_is_a_quick_clear_error():
+def closed_port_url() -> str:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{unused.getsockname()[1]}/v1"  # nothing listens there
-    with OpenAIModel("m", base_urls=[url], max_retries=1, timeout=3) as model:
-        start = time.monotonic()
-        with pytest.raises(ModelError, match=r"cannot reach .*127\.0\.0\.1.*is the server running"):
+        return f"http://127.0.0.1:{unused.getsockname()[1]}/v1"  # nothing listens there
+
+
+@pytest.mark.parametrize("retries, tries", [(0, "1 try"), (2, "3 tries")])
+def test_server_down_is_a_clear_error_counting_the_real_tries(retries, tries):
+    url = closed_port_url()
+    with OpenAIModel("m", base_urls=[url], max_retries=retries, timeout=3) as model:
+        with pytest.raises(ModelError, match=rf"cannot reach {url} for model m: connection refused "
+                                             rf"\({tries}\)\. Is the server running\?"):
             model.complete(["Hi"], max_tokens=1)
-        assert time.monotonic() - start < 5
         with pytest.raises(ModelError, match=url):
             model.count_tokens("Hi")
 
 
-def test_server_errors_name_the_url_and_say_why(smol, smol_url):
-    with pytest.raises(ModelError, match=rf"{smol_url}.*HTTP 400.*maximum context length"):
-        smol.complete(["hello " * 3000], max_tokens=1)
+def test_url_without_v1_gets_a_hint(smol_url):
+    root = smol_url.removesuffix("/v1")
+    with OpenAIModel("m", base_urls=[root], max_retries=0) as model:
+        with pytest.raises(ModelError, match=rf"{root} refused a request for model m \(HTTP 404, 1 try\): "
+                                             rf"Not Found\. The URL probably lacks /v1: try {smol_url}$"):
+            model.complete(["Hi"], max_tokens=1)
+
+
+def test_server_killed_mid_stream_is_one_try_cut_short(smol_gguf, tmp_path):
+    """The client retries a request, never a stream that has begun."""
+    with killable_server(smol_gguf, tmp_path) as server, OpenAIModel("m", base_urls=[server.url]) as model:
+        stream = model.stream(SHORT_ANSWER, max_tokens=200)
+        next(stream)
+        server.kill()
+        with pytest.raises(ModelError, match=rf"{server.url} closed the connection in the middle of an "
+                                             r"answer of model m \(1 try\): the server stopped or crashed"):
+            list(stream)
+
+
+def test_server_killed_mid_request_reports_each_retry(smol_gguf, tmp_path):
+    """A completion cut off is sent again; the server is gone, so the retries are refused."""
+    with killable_server(smol_gguf, tmp_path) as server, \
+            OpenAIModel("m", base_urls=[server.url], max_retries=2) as model:
+        server.kill_after(tokens=5)
+        with pytest.raises(ModelError, match=rf"cannot reach {server.url} for model m: connection refused "
+                                             r"\(3 tries\)"):
+            model.complete([chatml("Write a long story about a dragon.")], max_tokens=1000)
+
+
+def test_context_length_unknown_until_the_server_says_it(smol_url):
+    """llama-cpp-python lists no context length; a prompt that does not fit makes it say one."""
+    with OpenAIModel("m", base_urls=[smol_url], timeout=60) as model:
+        assert model.context_length is None
+        with pytest.raises(ModelError, match=rf"the request does not fit model m at {smol_url}, whose "
+                                             r"context is 2048 tokens: shorten the prompt .*3001 in your prompt"):
+            model.complete(["hello " * 3000], max_tokens=1)
+        assert model.context_length == 2048
 
 
 def test_decode_state_next_append_reorder(smol):
@@ -182,3 +220,43 @@ def test_score_matches_generation_where_echo_works(gemma):
     assert math.isclose(scored[0].logprob, sum(s.token.logprob for s in scored[0].steps))
     assert scored[1].steps == []
 
+
+
+def test_decode_state_extend_truncate_close(smol):
+    prompts = [PLAIN, SHORT_ANSWER]
+    greedy = smol.complete(prompts, max_tokens=3, top_logprobs=3)
+    drafts = [[s.token for s in greedy[0].steps], [s.token for s in greedy[1].steps[:1]]]  # ragged
+    with smol.open(prompts) as state:
+        extended = state.extend(drafts, top_logprobs=3)
+        assert [len(row) for row in extended] == [3, 1]
+        assert state.texts == [greedy[0].text, greedy[1].steps[0].token.text]
+        # Each position's distribution is the one after appending the tokens one by one.
+        for row, draft in enumerate(drafts):
+            with smol.open([prompts[row]]) as one:
+                for token, got in zip(draft, extended[row]):
+                    one.append([token])
+                    (want,) = one.next(top_logprobs=3)
+                    assert [t.text for t in got.top] == [t.text for t in want.top]
+        assert extended[0][0].top[0].text == greedy[0].steps[1].token.text
+        state.truncate([2, 1])
+        assert state.texts == [greedy[0].steps[0].token.text, ""]
+        again = state.next(top_logprobs=3)
+        assert again[0].top[0].text == greedy[0].steps[1].token.text
+        assert again[1].top[0].text == greedy[1].steps[0].token.text
+        with pytest.raises(ValueError, match="row 1 has 0 appended tokens"):
+            state.truncate([0, 1])
+        with pytest.raises(ValueError, match="takes tokens by text"):
+            state.append([5, 6])
+    with pytest.raises(ValueError, match="closed"):
+        state.next()
+
+
+def test_end_of_text_and_vocabulary_of_served_models(smol_url):
+    from towline.models import load_model
+
+    with load_model(f"openai:smollm2-135m-instruct@{smol_url}") as known, \
+            load_model(f"openai:my-model@{smol_url}") as unknown:
+        assert known.vocabulary == "smollm2-49k" and unknown.vocabulary is None
+        assert known.is_end(Token("", -0.1)) and not known.is_end(Token(" Paris", -0.1))
+    with OpenAIModel("m", base_urls=[smol_url], end_texts=["<|im_end|>"]) as tagged:  # as vLLM shows it
+        assert tagged.is_end(Token("<|im_end|>", 0.0)) and not tagged.is_end(Token("", 0.0))

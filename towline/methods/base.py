@@ -10,7 +10,7 @@ Every result extends :class:`Result`; :meth:`Result.to_dict` is derived from the
 public properties, so a new field shows in ``--json`` without being listed anywhere.
 
 >>> from towline.methods import METHODS
->>> {'base-only', 'guide-only', 'nudging'} <= set(METHODS)
+>>> {"nudging", "base-only", "guide-only"} <= set(METHODS)
 True
 >>> METHODS["nudging"](gamma=1.5)
 Traceback (most recent call last):
@@ -23,12 +23,12 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from towline.models.base import GREEDY, Model, ModelError, Sampling
-from towline.prompts import BuiltPrompt, PromptRequest, build_prompt
+from towline.prompts import FAMILIES, BuiltPrompt, PromptRequest, build_prompt
 
 OnText = Callable[[str, str], None]
 """Called with each piece of output text as soon as it is final, and the role that wrote it
@@ -55,7 +55,27 @@ class OptionError(ValueError):
 
 
 class PromptTooLong(ModelError):
-    """A prompt, with the room its answer needs, does not fit a model's context."""
+    """A prompt, with the room its answer needs, does not fit a model's context.
+
+    :meth:`explain` words the message with the budget's name as the caller writes it (the CLI
+    says ``--max-tokens``):
+
+    >>> error = PromptTooLong(model="m", role="guide", context=8192, room=256, length=26000)
+    >>> print(error.explain("--max-tokens"))
+    the guide prompt is 26000 tokens and the answer may add 256 more (--max-tokens), but the guide model m has a context of 8192 tokens: shorten the prompt or lower --max-tokens
+    """
+
+    def __init__(self, *, model: str, role: str, context: int, room: int, length: int | None = None) -> None:
+        self.model, self.role, self.context, self.room, self.length = model, role, context, room, length
+        super().__init__(self.explain("max_tokens"))
+
+    def explain(self, budget: str) -> str:
+        where = f"the {self.role} model {self.model}"
+        if self.length is None:
+            return f"{budget} {self.room} does not fit {where}, whose context is {self.context} tokens: lower {budget}"
+        return (f"the {self.role} prompt is {self.length} tokens and the answer may add {self.room} more "
+                f"({budget}), but {where} has a context of {self.context} tokens: shorten the prompt "
+                f"or lower {budget}")
 
 
 def option(default: Any, help: str) -> Any:
@@ -68,12 +88,14 @@ def option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Role:
     """A model slot of a method: ``chat`` says whether its default prompt is the model's chat
-    template (SPEC §1) or plain text; ``default`` is the model used when none is given."""
+    template (SPEC §1) or plain text; ``default`` is the model used when none is given. An
+    optional role (``required=False``, no default) is simply left out when no model is given."""
 
     name: str
     chat: bool
     help: str
     default: str | None = None
+    required: bool = True
 
 
 BASE = Role("base", chat=False, help="The large model being steered (plain prompt).", default="gemma-3-270m")
@@ -92,6 +114,9 @@ class Participant:
     def prompt(self, request: PromptRequest, *, chat: bool, room: int, role: str) -> BuiltPrompt:
         """This model's prompt for ``request``, checked against its context: the prompt and
         ``room`` more tokens (what the answer may add) must fit, else :class:`PromptTooLong`."""
+        if chat and self.template is None and self.model.chat_template is None:
+            raise OptionError(f"{role}_template", f"the {role} model {self.model.name} has no chat template "
+                              f"of its own: name one ({', '.join(sorted(FAMILIES))}), 'plain' or a Jinja string")
         built = build_prompt(request, chat=chat, template=self.template, model_template=self.model.chat_template)
         check_fits(self.model, built.text, room=room, role=role)
         return built
@@ -102,14 +127,11 @@ def check_fits(model: Model, prompt: str, *, room: int, role: str) -> None:
     limit = model.context_length
     if limit is None:
         return
-    if room >= limit:
-        raise PromptTooLong(f"max_tokens {room} does not fit the {role} model {model.name}, whose "
-                            f"context is {limit} tokens: lower max_tokens")
+    if room >= limit:  # no prompt fits: refuse without counting a long prompt's tokens
+        raise PromptTooLong(model=model.name, role=role, context=limit, room=room)
     length = model.count_tokens(prompt)
     if length + room > limit:
-        raise PromptTooLong(f"the {role} prompt is {length} tokens and the answer may add {room}, "
-                            f"but the {role} model {model.name} has a context of {limit} tokens: "
-                            "shorten the prompt or lower max_tokens")
+        raise PromptTooLong(model=model.name, role=role, context=limit, room=room, length=length)
 
 
 @dataclass(kw_only=True)
@@ -165,6 +187,10 @@ class Method(ABC):
 
     def __exit__(self, *exc: object) -> None:
         """Close what :meth:`__enter__` opened."""
+
+    def check_roles(self, given: Collection[str]) -> None:
+        """Checks that depend on which roles have a model (``given``: their names), made
+        before any model loads; for methods with optional roles (raise :class:`OptionError`)."""
 
     @abstractmethod
     def run(self, request: PromptRequest, models: Mapping[str, Participant], *,

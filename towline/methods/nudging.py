@@ -1,5 +1,5 @@
 """Nudging (Fei et al., arXiv 2410.09300): the base writes; where it is unsure, the guide
-inserts a few words. Behaviour follows SPEC.md section 2 step by step.
+inserts a few words. docs/nudging.md states the rules this module follows, step by step.
 
 The two models only ever exchange text, so they may have different tokenizers. The base is
 read through :meth:`Model.stream`: asking "what is your next token?" costs one decoding
@@ -9,6 +9,8 @@ step, and when the answer is "ready", the same stream goes on to produce the bas
 ['  The', 'answer', '', 'is', '4']
 >>> strip_repeated_suffix("Step one. " + "It repeats itself, again and again. " * 3)
 'Step one. It repeats itself, again and again. '
+>>> fit_tokens("one two three", 2, lambda text: len(text.split()))
+'one two '
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from typing import ClassVar
 
 from towline.methods.base import (BASE, GUIDE, Method, OnText, Participant, Result, Role, between, option, positive,
                                   register)
-from towline.models.base import GREEDY, SEED_LIMIT, Model, Sampling, Step
+from towline.models.base import GREEDY, SEED_LIMIT, Model, ModelError, Sampling, Step
 from towline.prompts import PromptRequest
 
-REPEATED_CHUNK_MIN_WORDS = 5
-"""A repeated base chunk is dropped only when it has more than this many words."""
+REPEATED_CHUNK_MIN_PIECES = 5
+"""A base chunk already in the output is dropped when it has more than this many pieces
+(``text.split(" ")``, empty pieces counted)."""
 REPEATED_SUFFIX_MIN_CHARS = 30
-REPEATED_NUDGE_ROUNDS = 3
+"""The final clean-up strips immediate repeats of at least this many characters."""
+REPEATED_NUDGE_ROUNDS = 4
+"""The answer stops when the same nudging words would come this many rounds in a row."""
 
 
 @dataclass
@@ -58,8 +63,8 @@ class NudgingResult(Result):
 @register
 @dataclass(kw_only=True)
 class Nudging(Method):
-    """SPEC §2: the base writes; where its top-1 probability drops below ``gamma``, the guide
-    inserts a few words."""
+    """The base writes; where its top-1 probability drops below ``gamma``, the guide inserts
+    a few words (docs/nudging.md)."""
 
     name: ClassVar[str] = "nudging"
     summary: ClassVar[str] = "The base writes; where it is unsure, the guide inserts a few words."
@@ -76,11 +81,11 @@ class Nudging(Method):
 
     def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
             on_text: OnText | None = None) -> NudgingResult:
-        return _nudge(self, request, models["base"], models["guide"], on_text)
+        return _Run(self, request, models["base"], models["guide"], on_text).result()
 
 
 def split_words(proposal: str) -> list[str]:
-    """Split on single spaces; leading spaces stay with the first word (SPEC §2 step 2)."""
+    """Split on single spaces; leading spaces stay with the first word (docs/nudging.md, step 2)."""
     body = proposal.lstrip(" ")
     words = body.split(" ")
     words[0] = proposal[: len(proposal) - len(body)] + words[0]
@@ -101,6 +106,29 @@ def strip_repeated_suffix(text: str, *, min_chars: int = REPEATED_SUFFIX_MIN_CHA
     return text
 
 
+def fit_tokens(text: str, room: int, count_tokens: Callable[[str], int]) -> str:
+    """The longest prefix of ``text`` (in characters) that is at most ``room`` tokens long.
+
+    Whole words are bisected (one more word never means fewer tokens), then the next word
+    is tried from its longest prefix down: within a word, a longer prefix can take fewer
+    tokens (" cl" + "i" is two tokens where " clips" is one). Whatever a tokenizer does,
+    what is returned fits.
+    """
+    if count_tokens(text) <= room:
+        return text
+    cuts = [i for i, char in enumerate(text) if char == " "] + [len(text)]  # prefixes ending before a space
+    fits, too_long = -1, len(cuts) - 1  # cuts[fits] fits (-1: the empty prefix), cuts[too_long] does not
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if count_tokens(text[: cuts[middle]]) <= room:
+            fits = middle
+        else:
+            too_long = middle
+    start = cuts[fits] if fits >= 0 else 0
+    return next((text[:end] for end in range(cuts[too_long] - 1, start, -1) if count_tokens(text[:end]) <= room),
+                text[:start])
+
+
 def nudge(*, base: Model, guide: Model, request: PromptRequest | str, base_sampling: Sampling = GREEDY,
           guide_sampling: Sampling = GREEDY, base_template: str | None = None,
           guide_template: str | None = None, on_text: OnText | None = None, **options) -> NudgingResult:
@@ -115,156 +143,215 @@ def nudge(*, base: Model, guide: Model, request: PromptRequest | str, base_sampl
                   "guide": Participant(guide, guide_sampling, guide_template)}, on_text=on_text)
 
 
-def _nudge(options: Nudging, request: PromptRequest, base_part: Participant, guide_part: Participant,
-           on_text: OnText | None) -> NudgingResult:
-    gamma, guide_chunk, base_chunk = options.gamma, options.guide_chunk, options.base_chunk
-    max_tokens, max_rounds = options.max_tokens, options.max_rounds
-    base, guide = base_part.model, guide_part.model
-    base_sampling, guide_sampling = base_part.sampling, guide_part.sampling
-    started = time.perf_counter()
-    base_prompt = base_part.prompt(request, chat=False, room=max_tokens, role="base")
-    guide_prompt = guide_part.prompt(request, chat=True, room=max_tokens, role="guide")
-    guide_stop = [guide_prompt.end_of_turn] if guide_prompt.end_of_turn else []
-    calls = {"base": 0, "guide": 0}
-    out = ""
-    rounds: list[Round] = []
-    guide_tokens = base_tokens = 0
-    stop_reason = ""
-    first = None
+BaseStream = Generator[Step, None, None]
 
-    @functools.cache
-    def count_tokens(text: str) -> int:
-        return base.count_tokens(text) if text else 0
 
-    def base_stream(text: str, limit: int) -> Generator[Step, None, None]:
-        calls["base"] += 1
-        return base.stream(base_prompt.text + text, max_tokens=limit, top_logprobs=1,
-                           sampling=_nth_call(base_sampling, calls["base"]))
+class _Run:
+    """One answer: the state the rounds share, so that a model failing mid-answer leaves
+    everything decided so far in the result."""
 
-    while not stop_reason:
-        if len(rounds) >= max_rounds:
-            stop_reason = "rounds"
-            break
-        # 1. The guide proposes.
-        calls["guide"] += 1
-        proposal = guide.complete([guide_prompt.text + out], max_tokens=guide_chunk,
-                                  sampling=_nth_call(guide_sampling, calls["guide"]), stop=guide_stop)[0]
+    def __init__(self, options: Nudging, request: PromptRequest, base: Participant, guide: Participant,
+                 on_text: OnText | None) -> None:
+        self.options = options
+        self.base, self.guide = base, guide
+        self.on_text = on_text
+        self.started = time.perf_counter()
+        # Prompts are checked against the models' contexts before any decoding.
+        self.base_prompt = base.prompt(request, chat=False, room=options.max_tokens, role="base")
+        self.guide_prompt = guide.prompt(request, chat=True, room=options.max_tokens, role="guide")
+        self.calls = {"base": 0, "guide": 0}
+        self.out = ""
+        self.rounds: list[Round] = []
+        self.guide_tokens = self.base_tokens = 0
+        self.count_tokens = functools.cache(lambda text: base.model.count_tokens(text) if text else 0)
+
+    @property
+    def room(self) -> int:
+        """Base tokens the answer may still add."""
+        return self.options.max_tokens - self.guide_tokens - self.base_tokens
+
+    def result(self) -> NudgingResult:
+        error = None
+        current: Round | None = None
+        try:
+            while True:
+                if len(self.rounds) >= self.options.max_rounds:
+                    stop_reason = "rounds"
+                    break
+                current, first, stop_reason = self._nudging_words()
+                if current is None:  # the same words a fourth time: not appended
+                    break
+                if first is not None:
+                    with closing(first[0]):
+                        self._base_phase(current, *first)
+                self._finish_round(current)
+                current = None
+                if not stop_reason and self.room <= 0:
+                    stop_reason = "length"
+                if stop_reason:
+                    break
+        except ModelError as failure:
+            stop_reason, error = "error", str(failure)
+            if current is not None:  # its words are decided and its base text so far is final
+                self._finish_round(current)
+        return NudgingResult(
+            method=self.options.name,
+            text=strip_repeated_suffix(self.out),
+            stop_reason=stop_reason,
+            error=error,
+            rounds=self.rounds,
+            guide_tokens=self.guide_tokens,
+            base_tokens=self.base_tokens,
+            tokens=self.guide_tokens + self.base_tokens,
+            model_calls=self.calls,
+            seconds=time.perf_counter() - self.started,
+            prompts={"base": self.base_prompt.text, "guide": self.guide_prompt.text},
+            templates={"base": self.base_prompt.template, "guide": self.guide_prompt.template},
+        )
+
+    def _finish_round(self, current: Round) -> None:
+        self.rounds.append(current)
+        if self.on_text:
+            self.on_text(current.nudging_words, "guide")
+            self.on_text(current.base_text, "base")
+
+    def _nudging_words(self) -> tuple[Round | None, tuple[BaseStream, Step] | None, str]:
+        """Steps 1 and 2: the guide proposes, the base says where it is ready.
+
+        Returns this round with its nudging words appended to the output (None when the same
+        words would come a fourth round in a row: then nothing is appended), the open base
+        stream and its first step when a base phase follows, and the stop reason the round
+        already has ("" for none)."""
+        self.calls["guide"] += 1
+        stop = [self.guide_prompt.end_of_turn] if self.guide_prompt.end_of_turn else []
+        proposal = self.guide.model.complete(
+            [self.guide_prompt.text + self.out], max_tokens=self.options.guide_chunk,
+            sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop)[0]
         if proposal.finish_reason in ("end", "stop"):
-            this_round = Round(proposal.text)
-            stop_reason = "guide_stop"
-        else:
-            # 2. Accept guide words until the base is ready.
-            words = split_words(proposal.text)
-            accepted, first = _accept_words(words, out, gamma, base_stream, base_chunk, count_tokens)
-            this_round = Round(" ".join(accepted))
-        out += this_round.nudging_words
-        guide_tokens += count_tokens(this_round.nudging_words)
-        if not stop_reason and guide_tokens + base_tokens >= max_tokens:
-            stop_reason = "length"
-        elif not stop_reason and first is not None:
-            # 3. The base continues.
-            stream, step = first
-            this_round.base_text, produced, hit_budget = _base_phase(
-                out, stream, step, gamma, base_stream, base_chunk, max_tokens - guide_tokens - base_tokens)
-            out += this_round.base_text
-            base_tokens += produced
-            if hit_budget:
-                stop_reason = "length"
-        rounds.append(this_round)
-        if on_text:
-            on_text(this_round.nudging_words, "guide")
-            on_text(this_round.base_text, "base")
-        recent = [r.nudging_words for r in rounds[-REPEATED_NUDGE_ROUNDS:]]
-        if not stop_reason and len(recent) == REPEATED_NUDGE_ROUNDS and len(set(recent)) == 1:
-            stop_reason = "repeated_nudging"
+            current, cut = self._append_words(proposal.text)
+            return current, None, "length" if cut else "guide_stop"
+        words, first = self._accept_words(split_words(proposal.text))
+        recent = [r.nudging_words for r in self.rounds[1 - REPEATED_NUDGE_ROUNDS:]]
+        if len(recent) == REPEATED_NUDGE_ROUNDS - 1 and all(w == words for w in recent):
+            if first is not None:
+                first[0].close()
+            return None, None, "repeated_nudging"
+        if first is not None and self.count_tokens(words) >= self.room:
+            # The words fill the budget: no base phase. The stream is closed before cutting
+            # them (counting asks the server, which may be busy with the open stream).
+            first[0].close()
+            first = None
+        current, cut = self._append_words(words)
+        return current, first, "length" if cut else ""
 
-    return NudgingResult(
-        method=options.name,
-        text=strip_repeated_suffix(out),
-        stop_reason=stop_reason,
-        rounds=rounds,
-        guide_tokens=guide_tokens,
-        base_tokens=base_tokens,
-        tokens=guide_tokens + base_tokens,
-        model_calls=calls,
-        seconds=time.perf_counter() - started,
-        prompts={"base": base_prompt.text, "guide": guide_prompt.text},
-        templates={"base": base_prompt.template, "guide": guide_prompt.template},
-    )
+    def _append_words(self, words: str) -> tuple[Round, bool]:
+        """A round with these nudging words, appended to the output; cut to the longest
+        prefix that fits the length budget where they do not fit (then True)."""
+        cut = self.count_tokens(words) > self.room
+        if cut:
+            words = fit_tokens(words, self.room, self.count_tokens)
+        self.out += words
+        self.guide_tokens += self.count_tokens(words)
+        return Round(words), cut
+
+    def _accept_words(self, words: list[str]) -> tuple[str, tuple[BaseStream, Step] | None]:
+        """Step 2: the nudging words and, when the base is ready and has a token, its open
+        stream with that first token.
+
+        The words are counted before each stream opens: a server may serve one request at a
+        time (llama.cpp cancels an open stream when another request arrives)."""
+        accepted = [words[0]]
+        for i in range(1, len(words)):
+            if words[i]:  # an empty word (two spaces in a row) is not asked about
+                text = " ".join(accepted)
+                self.count_tokens(text)
+                stream = self._base_stream(self.out + text, self.options.base_chunk)
+                step = next(stream, None)
+                if step is None:  # the base's answer here is its end of text: ready, no base phase
+                    return text, None
+                # The token the base takes there (its greedy token when greedy) must start the word.
+                if (" " + words[i]).startswith(step.token.text) or step.top1_prob >= self.options.gamma:
+                    return text, (stream, step)
+                stream.close()
+            if i < len(words) - 1:  # the last word may be cut mid-word: never accepted
+                accepted.append(words[i])
+        return " ".join(accepted), None
+
+    def _base_stream(self, text: str, limit: int) -> BaseStream:
+        self.calls["base"] += 1
+        return self.base.model.stream(self.base_prompt.text + text, max_tokens=limit, top_logprobs=1,
+                                      sampling=_nth_call(self.base.sampling, self.calls["base"]))
+
+    def _base_phase(self, current: Round, stream: BaseStream, first: Step) -> None:
+        """Step 3: the base continues, chunk by chunk, until a rule or the length budget
+        ends its phase. Appends to ``current.base_text`` and the output as it goes."""
+        gamma, base_chunk = self.options.gamma, self.options.base_chunk
+        self._append_base(current, first.token.text, 1)  # kept whatever follows
+        limit = base_chunk - 1  # the first chunk is the rest of step 2's response
+        # With base_chunk 1 that chunk is empty, and rule (a) ends the phase at once.
+        while self.room > 0 and limit > 0:
+            limit = min(limit, self.room)
+            with closing(stream):
+                accepted, unsure, ended = _read_sure(stream, limit, gamma)
+                text = "".join(s.token.text for s in accepted)
+                whole = text
+                if unsure is not None:
+                    whole += unsure.token.text
+                    # (a) compares the chunk's whole text with this round's base text. Past the
+                    # unsure token it can change the answer only when the accepted text is in
+                    # that text (else the whole is not), is not empty and is short enough for
+                    # (c) not to drop it anyway: only then is the rest of the chunk read.
+                    if text and text in current.base_text and not _long(text):
+                        rest, ended = _read(stream, limit - len(accepted) - 1)
+                        whole += "".join(s.token.text for s in rest)
+            if whole in current.base_text:  # (a); the empty chunk always is
+                return
+            if _long(text) and text in self.out:  # (c); the output ends with this round's base text
+                return
+            self._append_base(current, text, len(accepted))  # (d)
+            if unsure is not None or ended:
+                return
+            limit = base_chunk
+            if self.room > 0:
+                stream = self._base_stream(self.out, min(limit, self.room))
+
+    def _append_base(self, current: Round, text: str, tokens: int) -> None:
+        current.base_text += text
+        self.out += text
+        self.base_tokens += tokens
+
+
+def _long(text: str) -> bool:
+    """Rule (c)'s size test: more than five pieces when split on single spaces."""
+    return len(text.split(" ")) > REPEATED_CHUNK_MIN_PIECES
+
+
+def _read_sure(stream: BaseStream, limit: int, gamma: float) -> tuple[list[Step], Step | None, bool]:
+    """Up to ``limit`` steps, stopping at the first unsure one. Returns the sure steps, the
+    unsure step (None if none) and whether the base ended its text."""
+    sure: list[Step] = []
+    while len(sure) < limit:
+        step = next(stream, None)
+        if step is None:
+            return sure, None, True
+        if step.top1_prob < gamma:
+            return sure, step, False
+        sure.append(step)
+    return sure, None, False
+
+
+def _read(stream: BaseStream, limit: int) -> tuple[list[Step], bool]:
+    """Up to ``limit`` steps, and whether the base ended its text before that."""
+    steps: list[Step] = []
+    while len(steps) < limit:
+        step = next(stream, None)
+        if step is None:
+            return steps, True
+        steps.append(step)
+    return steps, False
 
 
 def _nth_call(sampling: Sampling, call: int) -> Sampling:
     """A seeded run stays repeatable, but each call draws fresh random numbers (reusing one
     seed for every call would give every call the same draws)."""
     return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=(sampling.seed + call) % SEED_LIMIT)
-
-
-BaseStream = Callable[[str, int], Generator[Step, None, None]]
-
-
-def _accept_words(words: list[str], out: str, gamma: float, base_stream: BaseStream,
-                  base_chunk: int, count_tokens: Callable[[str], int],
-                  ) -> tuple[list[str], tuple[Generator[Step, None, None], Step] | None]:
-    """SPEC §2 step 2. Returns the nudging words and, when the base is ready and has a
-    token, the open base stream with that first token.
-
-    The words are counted before each stream opens: a server may serve one request at a
-    time (llama.cpp cancels an open stream when another request arrives)."""
-    accepted = [words[0]]
-    for i in range(1, len(words)):
-        if words[i] == "":
-            accepted.append("")
-            continue
-        count_tokens(" ".join(accepted))
-        stream = base_stream(out + " ".join(accepted), base_chunk)
-        step = next(stream, None)
-        if step is None:  # the base's answer here is its end of text: ready, no base phase
-            return accepted, None
-        agrees = (" " + words[i]).startswith(step.top[0].text if step.top else step.token.text)
-        if agrees or step.top1_prob >= gamma:
-            return accepted, (stream, step)
-        stream.close()
-        if i < len(words) - 1:
-            accepted.append(words[i])
-    return accepted, None
-
-
-def _base_phase(out: str, stream: Generator[Step, None, None], first: Step, gamma: float, base_stream: BaseStream,
-                base_chunk: int, budget: int) -> tuple[str, int, bool]:
-    """SPEC §2 step 3 with the repetition guards of step 5. Returns the base text, its
-    number of tokens, and whether the length budget was reached."""
-    round_text = ""
-    produced = 0
-    pending: Step | None = first
-    limit = min(base_chunk, budget)
-    while True:
-        pieces: list[str] = []
-        unsure = False
-        with closing(stream):
-            if pending is not None:  # the round's first token is taken unconditionally
-                pieces.append(pending.token.text)
-                pending = None
-            while len(pieces) < limit:
-                step = next(stream, None)
-                if step is None:  # the base's end of text
-                    break
-                if step.top1_prob < gamma:
-                    unsure = True
-                    break
-                pieces.append(step.token.text)
-        chunk = "".join(pieces)
-        if chunk and (chunk in round_text or
-                      (len(chunk.split()) > REPEATED_CHUNK_MIN_WORDS and chunk in out + round_text)):
-            break
-        round_text += chunk
-        produced += len(pieces)
-        budget -= len(pieces)
-        if budget <= 0:
-            return round_text, produced, True
-        if unsure or len(pieces) < limit:
-            break
-        limit = min(base_chunk, budget)
-        stream = base_stream(out + round_text, limit)
-    return round_text, produced, False
-
-

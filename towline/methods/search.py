@@ -41,7 +41,7 @@ import torch
 
 from towline.methods.base import BASE, Method, OnText, OptionError, Participant, Result, Role, option, register
 from towline.methods.scorers import Scorer, Scoring, import_function, open_scorer, parse_scorer
-from towline.models.base import Distribution, Model, ModelError, Sampling, Token
+from towline.models.base import Distribution, ModelError, Sampling, Token
 from towline.prompts import PromptRequest, check_template
 from towline.sampling import choose, generator
 
@@ -212,13 +212,13 @@ def _search(method: _Search, request: PromptRequest, base: Participant, scorer: 
     rows = w * k
     scoring = scorer.start(request, rows, room=max_tokens)
     calls = {"base": 0}
-    ends = _end_ids(base.model)
     texts, lengths, ended = [""] * rows, [0] * rows, [False] * rows
     best: Candidate | None = None
     kept: list[Candidate] = []
     selections = candidate_tokens = generated = 0
     stop_reason, error = "", None
     rng = generator(sampling)
+    state = None
     try:
         state = base.model.open([prompt.text] * rows)
         while generated < max_tokens and not all(ended):
@@ -228,7 +228,7 @@ def _search(method: _Search, request: PromptRequest, base: Participant, scorer: 
                 for row, token in enumerate(tokens):
                     if ended[row]:
                         continue
-                    if token.id is not None and token.id in ends:
+                    if base.model.is_end(token):
                         ended[row] = True
                         continue
                     texts[row] += token.text
@@ -252,6 +252,8 @@ def _search(method: _Search, request: PromptRequest, base: Participant, scorer: 
     except ModelError as failure:
         stop_reason, error = "error", str(failure)
     finally:
+        if state is not None:
+            state.close()
         scoring.close()
     text = best.text if best else ""
     if on_text:
@@ -273,12 +275,6 @@ def _search(method: _Search, request: PromptRequest, base: Participant, scorer: 
         sampling=dataclasses.asdict(sampling),
         scorer=scorer.spec,
     )
-
-
-def _end_ids(model: Model) -> frozenset[int]:
-    """The base's end-of-text token ids. Local models list them; a server's decode state never
-    offers one (it is asked for at least one token), so candidates there run to the budget."""
-    return getattr(model, "end_ids", frozenset())
 
 
 def _sample(distributions: Sequence[Distribution], sampling: Sampling,

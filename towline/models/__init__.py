@@ -31,7 +31,11 @@ def load_model(spec: str) -> Model:
     - a registry name (``towline models`` lists them), a ``.gguf`` file, a local model
       directory or a Hugging Face id: local weights through transformers;
     - ``openai:MODEL@URL[,URL...]``: an OpenAI-compatible server (several URLs are used
-      round-robin). A registry name as MODEL also supplies that model's chat template.
+      round-robin). A registry name as MODEL also supplies that model's chat template and
+      vocabulary.
+
+    A spec that can be none of these (a misspelt name, say) fails at once with a
+    :class:`ModelError` naming the closest registry names, also while the Hub is out of reach.
     """
     if spec.startswith(OPENAI_PREFIX):
         from towline.models.openai import OpenAIModel
@@ -41,7 +45,8 @@ def load_model(spec: str) -> Model:
         name, base_urls = parse_openai_spec(spec)
         known = REGISTRY.get(name)
         template = FAMILIES[known.template] if known and known.template else None
-        return OpenAIModel(name, base_urls=base_urls, chat_template=template)
+        return OpenAIModel(name, base_urls=base_urls, chat_template=template,
+                           vocabulary=known.vocabulary if known else None)
     from towline.models.local import LocalModel
 
     return LocalModel.load(spec)

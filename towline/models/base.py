@@ -10,18 +10,22 @@ in and text out, so base and guide may use different tokenizers.
 - :meth:`Model.score` -- log-probs of a given continuation and the distribution at each of
   its positions, in one pass. Verifying a drafted run of tokens is a ``score`` call.
 - :meth:`Model.open` -- an incremental :class:`DecodeState` for a batch: next-token
-  distributions (the full vocabulary where the backend has it), append tokens, reorder rows
-  (beam search), so methods can run their own decoding loop.
+  distributions (the full vocabulary where the backend has it), append tokens, feed several
+  at once, roll back, reorder rows (beam search), so methods can run their own decoding loop.
 - :meth:`Model.open_scoring` -- a :class:`ScoreState`: log-probs of growing continuations of
   a batch of prompts, each row's work in proportion to what it grew by (search scorers).
 - :meth:`Model.count_tokens` -- length of a text in this model's tokens.
+
+Methods that mix distributions token by token need two more facts about a model:
+:attr:`Model.vocabulary` (equal values mean shared token ids; :func:`check_shared_vocabulary`
+refuses models that differ) and its end of text (:meth:`Model.is_end`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,15 +145,36 @@ class Distribution:
 
 class DecodeState(ABC):
     """Incremental decoding of a batch of rows, for methods that run their own loop
-    (logit arithmetic, beam search). Local backends keep a KV cache behind it."""
+    (logit arithmetic, beam search, verifying drafted tokens). Local backends keep a KV cache
+    behind it and never recompute it: appending, extending, reordering and rolling back all
+    work on the cache. Close a state when done (or use it as a context manager): a closed
+    state refuses further use.
+
+    A token is a :class:`Token` taken from this model's distributions, or (local backends)
+    a bare token id; servers take tokens by text, so they need :class:`Token`.
+    """
 
     @abstractmethod
     def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
         """The next-token distribution of every row (raw model distribution, temperature 1)."""
 
     @abstractmethod
-    def append(self, tokens: Sequence[Token]) -> None:
+    def append(self, tokens: Sequence[Token | int]) -> None:
         """Extend each row by one token (``tokens[i]`` goes to row ``i``)."""
+
+    @abstractmethod
+    def extend(self, tokens: Sequence[Sequence[Token | int]], *,
+               top_logprobs: int = 20) -> list[list[Distribution]]:
+        """Feed several tokens to each row at once (``tokens[i]`` to row ``i``; rows may get
+        different numbers, none included) and return, per row, the next-token distribution
+        after each of its new tokens: ``extend(...)[i][-1]`` is what :meth:`next` then gives
+        for row ``i``. On local weights this is one forward pass for the whole batch: the way
+        to verify a drafted run of tokens on top of the cache."""
+
+    @abstractmethod
+    def truncate(self, counts: int | Sequence[int]) -> None:
+        """Roll back the last ``counts`` tokens of every row (or ``counts[i]`` of row ``i``),
+        as if they had never been appended; the prompt itself cannot be rolled back."""
 
     @abstractmethod
     def reorder(self, rows: Sequence[int]) -> None:
@@ -159,6 +184,32 @@ class DecodeState(ABC):
     @abstractmethod
     def texts(self) -> list[str]:
         """What each row has appended so far."""
+
+    def close(self) -> None:
+        """Release what the state holds (a KV cache). Closing twice is harmless."""
+
+    def __enter__(self) -> DecodeState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def row_counts(counts: int | Sequence[int], rows: int) -> list[int]:
+    """One non-negative count per row, from one count for all rows or a list of them.
+
+    >>> row_counts(2, 3), row_counts([0, 1], 2)
+    ([2, 2, 2], [0, 1])
+    >>> row_counts([1], 2)
+    Traceback (most recent call last):
+    ValueError: 1 counts for 2 rows
+    """
+    counts = [counts] * rows if isinstance(counts, int) else list(counts)
+    if len(counts) != rows:
+        raise ValueError(f"{len(counts)} counts for {rows} rows")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"counts must be >= 0, got {counts}")
+    return counts
 
 
 class ScoreState(ABC):
@@ -219,6 +270,20 @@ class Model(ABC):
     """The model's own chat template (Jinja), where it ships one."""
     context_length: int | None = None
     """Most tokens (prompt and output together) the model attends to; None where unknown."""
+    vocabulary: str | None = None
+    """Which vocabulary the model's token ids index: two models with the same value share
+    token ids, so their distributions can be added position by position. None where unknown
+    (then nothing can be checked)."""
+    end_ids: frozenset[int] = frozenset()
+    """Ids of the tokens that end the model's text (end of text, end of turn); empty where
+    the backend has no ids."""
+    end_texts: frozenset[str] = frozenset()
+    """How a backend without ids shows an end-of-text token as text (``""`` for llama.cpp)."""
+
+    def is_end(self, token: Token) -> bool:
+        """Whether ``token`` (taken from this model's distributions) ends its text: by id
+        where the token has one, else by its text."""
+        return token.id in self.end_ids if token.id is not None else token.text in self.end_texts
 
     @abstractmethod
     def complete(
@@ -278,3 +343,26 @@ class Model(ABC):
 
 class ModelError(RuntimeError):
     """A model could not be loaded or reached; the message says what to do."""
+
+
+def check_shared_vocabulary(models: Mapping[str, Model]) -> None:
+    """Refuse models (by role) that index different vocabularies, naming both; models whose
+    vocabulary is unknown (None) are taken on trust.
+
+    >>> class Named(Model):
+    ...     complete = stream = score = open = count_tokens = None
+    ...     def __init__(self, name, vocabulary):
+    ...         self.name, self.vocabulary = name, vocabulary
+    >>> check_shared_vocabulary({"base": Named("a", "v1"), "tuned": Named("b", None)})
+    >>> check_shared_vocabulary({"base": Named("a", "v1"), "tuned": Named("b", "v2")})
+    Traceback (most recent call last):
+    towline.models.base.ModelError: the base model a and the tuned model b use different vocabularies (v1 and v2): their token ids do not line up, so their distributions cannot be mixed; give models of one family (same tokenizer)
+    """
+    known = [(role, model) for role, model in models.items() if model.vocabulary is not None]
+    for role, model in known[1:]:
+        first_role, first = known[0]
+        if model.vocabulary != first.vocabulary:
+            raise ModelError(f"the {first_role} model {first.name} and the {role} model {model.name} use "
+                             f"different vocabularies ({first.vocabulary} and {model.vocabulary}): their "
+                             "token ids do not line up, so their distributions cannot be mixed; give "
+                             "models of one family (same tokenizer)")

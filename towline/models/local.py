@@ -16,6 +16,8 @@ over and over) reuses the cached keys and values of the shared token prefix.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import torch
 
 from towline.models import registry
 from towline.models.local_scoring import CachedScoring
-from towline.sampling import draw, warp
+from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
     GREEDY,
@@ -39,10 +41,14 @@ from towline.models.base import (
     ScoreState,
     Step,
     Token,
+    row_counts,
 )
 
 MIN_REUSED_PREFIX = 8
 """Shorter shared prefixes are recomputed: copying the cache would not pay for itself."""
+
+UNFINISHED_CHARACTER = "\ufffd"
+"""What tokenizers decode the leading bytes of a character split across tokens to."""
 
 
 @dataclass
@@ -52,7 +58,18 @@ class _CachedPrefix:
 
 
 class _Batch:
-    """Rows decoded together: left-padded ids, attention mask, positions and KV cache."""
+    """Rows decoded together: left-padded ids, attention mask, positions and KV cache.
+
+    Rows may be fed different numbers of tokens at once (:meth:`feed`) and rolled back by
+    different numbers (:meth:`truncate`): a row's unused columns are masked out, and its
+    positions count only its real tokens, so it computes what a fresh run on its tokens
+    computes. ``recent[i]`` holds row ``i``'s logits at its last few positions (the last one
+    is what it predicts next): enough to roll back within the latest feed without a forward.
+
+    Models with a sliding window (Gemma 3) drop cached states older than the window, and
+    their window spans columns, holes included: past the window, rolling back and masked
+    holes would give wrong results, so they raise :class:`ModelError` instead.
+    """
 
     def __init__(self, owner: LocalModel, rows: list[list[int]]) -> None:
         self.owner = owner
@@ -63,7 +80,7 @@ class _Batch:
             self.mask = torch.ones(1, len(rows[0]), dtype=torch.long)
             new_ids = torch.tensor([rows[0][start:]])
             positions = torch.arange(start, len(rows[0])).unsqueeze(0)
-            self.last_logits = self._forward(new_ids, positions)
+            self.recent = [[self._forward(new_ids, positions)[0, -1]]]
             return
         width = max(len(r) for r in rows)
         pad = owner.pad_id
@@ -71,9 +88,15 @@ class _Batch:
         self.mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = None
-        self.last_logits = self._forward(ids, positions)
+        self.recent = [[row] for row in self._forward(ids, positions)[:, -1]]
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_logits(self) -> torch.Tensor:
+        """Every row's next-token logits, one row each."""
+        return torch.stack([r[-1] for r in self.recent])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Run the new columns ``ids`` on top of the cache; the logits of the last ``keep``."""
         with torch.inference_mode():
             out = self.owner.model(
                 input_ids=ids.to(self.owner.device),
@@ -81,29 +104,95 @@ class _Batch:
                 position_ids=positions.to(self.owner.device),
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
             )
         self.cache = out.past_key_values
-        return out.logits[:, -1, :].float().cpu()
+        return out.logits[:, -keep:, :].float().cpu()
 
     def append(self, ids: Sequence[int]) -> None:
-        positions = self.mask.sum(-1, keepdim=True)
-        self.mask = torch.cat([self.mask, torch.ones(len(ids), 1, dtype=torch.long)], dim=-1)
-        self.last_logits = self._forward(torch.tensor(ids).unsqueeze(-1), positions)
-        for row, token_id in zip(self.fed, ids):
-            row.append(token_id)
+        self.feed([[token_id] for token_id in ids])
+
+    def feed(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Feed ``rows[i]`` to row ``i`` (any number of tokens each, in one forward pass);
+        returns each row's logits after each of its new tokens."""
+        width = max(len(r) for r in rows)
+        if width == 0:
+            return [torch.empty(0, self.recent[i][-1].shape[-1]) for i in range(len(rows))]
+        pad = self.owner.pad_id
+        ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
+        new_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        mask = torch.cat([self.mask, new_mask], dim=-1)
+        if not self._within_window(mask.shape[-1]) and ((mask.cumsum(-1) > 0) & (mask == 0)).any():
+            # A sliding window spans columns: a masked hole inside it would hide a real token.
+            raise ModelError(f"model {self.owner.name} attends through a sliding window of "
+                             f"{self.owner.sliding_window} tokens, which rows fed or rolled back by "
+                             "different numbers of tokens cannot keep exact past that length: feed "
+                             "and roll back every row alike")
+        # A row's positions continue from its count of real tokens, whatever holes it has.
+        positions = self.mask.sum(-1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask = mask
+        logits = self._forward(ids, positions, keep=width)
+        out = []
+        for i, row in enumerate(rows):
+            new = logits[i, : len(row)]
+            out.append(new)
+            if len(row):
+                self.recent[i] = self.recent[i][-1:] + list(new)
+                self.fed[i].extend(row)
+        return out
+
+    def truncate(self, counts: Sequence[int]) -> None:
+        """Roll back the last ``counts[i]`` tokens of row ``i`` (the caller keeps prompts).
+
+        The rolled-back columns are masked out, and columns that no row uses any more are
+        cut off the end of the cache. A row rolled back past its latest feed gets its new
+        last token fed again, to know what it predicts there."""
+        # One column more: a row rolled back past its latest feed is fed a token again.
+        if any(counts) and not self._within_window(self.mask.shape[-1] + 1):
+            raise ModelError(f"model {self.owner.name} attends through a sliding window of "
+                             f"{self.owner.sliding_window} tokens and its cache keeps only the "
+                             f"latest: rows of {self.mask.shape[-1]} tokens cannot be rolled back")
+        refeed: list[list[int]] = [[] for _ in counts]
+        for i, count in enumerate(counts):
+            if not count:
+                continue
+            if count < len(self.recent[i]):
+                self.recent[i] = self.recent[i][:-count]
+            else:
+                count += 1
+                refeed[i] = [self.fed[i][-count]]
+                self.recent[i] = []
+            columns = self.mask[i].nonzero().squeeze(-1)[-count:]
+            self.mask[i, columns] = 0
+            del self.fed[i][-count:]
+        unused = int((self.mask.sum(0).flip(0).cumsum(0) == 0).sum())
+        if unused:
+            self.cache.crop(-unused)
+            self.mask = self.mask[:, :-unused]
+        if any(refeed):
+            self.feed(refeed)
+
+    def _within_window(self, columns: int) -> bool:
+        """Whether every query over ``columns`` columns still sees all of them (no sliding
+        window, or a longer one): only then are holes and crops exact."""
+        window = self.owner.sliding_window
+        return not window or columns < window - 1
 
     def reorder(self, rows: Sequence[int]) -> None:
         index = torch.tensor(list(rows))
         self.cache.reorder_cache(index.to(self.owner.device))
         self.mask = self.mask[index]
-        self.last_logits = self.last_logits[index]
+        self.recent = [list(self.recent[i]) for i in rows]
         self.fed = [list(self.fed[i]) for i in rows]
 
     def remember(self) -> None:
         """Offer this single row's cache for reuse by the next prompt that shares its prefix."""
         if len(self.fed) == 1:
             self.owner._prefix = _CachedPrefix(self.fed[0], self.cache)
+
+    def close(self) -> None:
+        self.cache = None
+        self.recent = []
 
 
 class LocalModel(Model):
@@ -118,8 +207,11 @@ class LocalModel(Model):
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.end_ids = _end_token_ids(model, tokenizer)
+        self.end_texts = frozenset(tokenizer.convert_ids_to_tokens(sorted(self.end_ids)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
         self._prefix: _CachedPrefix | None = None
+        self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
+        """Where some layers attend only to the last tokens (Gemma 3): caches past it cannot be cut."""
 
     @classmethod
     def load(cls, source: str | Path, *, dtype: str = "float32", device: str = "cpu",
@@ -127,28 +219,50 @@ class LocalModel(Model):
         """Load a registry name, a ``.gguf`` file, a local directory or a Hugging Face id.
 
         GGUF files (registry models included) are converted to safetensors once and cached.
+        A name that is none of these fails at once with the closest registry names, also when
+        the Hub is unreachable (no waiting for the Hub client's retries).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = str(source)
+        options: dict = {}
+        origin = "converted"
         if source in registry.REGISTRY:
             path = registry.local_weights(source)
         elif source.endswith(".gguf"):
             if not Path(source).is_file():
                 raise ModelError(f"GGUF file {source} does not exist")
             path = registry.ensure_converted(Path(source))
+        elif Path(source).expanduser().exists():
+            origin, path = "directory", Path(source).expanduser()
         else:
-            path = source
+            origin, path = "hub", source
+            options = registry.hub_options(source)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-        except OSError as error:
-            raise ModelError(
-                f"could not load model {source!r}: {error}\nGive a registry name "
-                f"({', '.join(sorted(registry.REGISTRY))}), a .gguf file, a local model directory, "
-                "or a Hugging Face id (needs the Hub or its local cache)."
-            ) from error
+            tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **options)
+        except Exception as error:
+            if origin == "converted":  # a cache that passed the cheap check yet does not load (bit rot)
+                fix = (f"run `towline models pull {source}` to repair it" if source in registry.REGISTRY
+                       else f"delete {path} to convert the file again")
+                raise ModelError(f"the converted cache {path} of {source!r} does not load ({error}): {fix}") from error
+            if not isinstance(error, OSError):
+                raise
+            if origin == "hub":
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise registry.unknown_model_error(
+                    source, f"the Hugging Face Hub could not provide it ({first_line})") from error
+            raise ModelError(f"could not load model {source!r}: {error}\n{registry.MODEL_FORMS}") from error
+        model = model.to(device)
         return cls(model, tokenizer, name=source, reuse_prefix=reuse_prefix)
+
+    @functools.cached_property
+    def vocabulary(self) -> str:
+        """A fingerprint of the tokenizer's vocabulary (every token string with its id): equal
+        for models whose token ids mean the same, such as one family's sizes."""
+        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda item: item[1])
+        digest = hashlib.sha256("\n".join(f"{i}\t{token}" for token, i in vocab).encode()).hexdigest()
+        return f"{len(vocab)} tokens, sha256 {digest[:16]}"
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -171,7 +285,7 @@ class LocalModel(Model):
         shared = min(shared, len(ids) - 1)  # the last prompt token must be fed to get logits
         if shared < MIN_REUSED_PREFIX:
             return None
-        window = getattr(self.model.config, "sliding_window", None)
+        window = self.sliding_window
         if window and len(self._prefix.ids) >= window:
             return None  # sliding-window layers have dropped states that a crop would need
         cache = copy.deepcopy(self._prefix.cache)
@@ -182,17 +296,18 @@ class LocalModel(Model):
 
     def _piece(self, context: Sequence[int], token_id: int) -> str:
         """The text a token adds after ``context``. Decoding a token alone can drop its
-        leading space (SentencePiece) or split a multi-byte character."""
-        context = list(context[-4:])
-        before = self._decode(context)
-        after = self._decode(context + [token_id])
+        leading space (SentencePiece) or split a multi-byte character: a token that ends
+        inside a character (half an emoji) adds nothing, and the token that completes the
+        character adds all of it, so the pieces of a stream join into the decoded text."""
+        context = list(context[-4:])  # a character spans at most 4 byte tokens
+        before = self._decode(context).rstrip(UNFINISHED_CHARACTER)
+        after = self._decode(context + [token_id]).rstrip(UNFINISHED_CHARACTER)
         return after[len(before):] if after.startswith(before) else self._decode([token_id])
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
                 top_logprobs: int, contexts: Sequence[Sequence[int]]) -> tuple[list[int], list[Step]]:
         """Pick one token per row and describe the distribution it came from."""
-        logprobs = torch.log_softmax(warp(logits, sampling), dim=-1)
-        chosen = draw(logprobs, sampling, generator)
+        chosen, logprobs = choose_with_logprobs(logits, sampling, generator)
         best = logprobs.topk(max(top_logprobs, 1), dim=-1)
         steps = []
         for row, (token_id, context) in enumerate(zip(chosen.tolist(), contexts)):
@@ -301,35 +416,116 @@ class LocalModel(Model):
 
 
 class _LocalDecodeState(DecodeState):
+    """A :class:`_Batch` behind the :class:`DecodeState` interface.
+
+    Appended tokens wait in ``_pending`` until a distribution is asked for, and are then fed
+    together: appending a token nobody asks about (the last one of an answer) costs nothing.
+    """
+
     def __init__(self, model: LocalModel, prompts: Sequence[str]) -> None:
+        if not prompts:
+            raise ValueError("open() needs at least one prompt")
         self._model = model
-        self._batch = _Batch(model, [model.encode(p) for p in prompts])
-        self._texts = [""] * len(prompts)
+        self._batch: _Batch | None = _Batch(model, [model.encode(p) for p in prompts])
+        self._pending: list[list[int]] = [[] for _ in prompts]
+        self._pieces: list[list[str]] = [[] for _ in prompts]
+
+    def _open_batch(self) -> _Batch:
+        if self._batch is None:
+            raise ValueError("this DecodeState is closed")
+        return self._batch
+
+    def _flush(self) -> _Batch:
+        batch = self._open_batch()
+        if any(self._pending):
+            batch.feed(self._pending)
+            self._pending = [[] for _ in self._pending]
+        return batch
+
+    def _distribution(self, logits: torch.Tensor, context: Sequence[int], top_logprobs: int) -> Distribution:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        best = logprobs.topk(max(top_logprobs, 1))
+        top = tuple(Token(self._model._piece(context, i), lp, i)
+                    for i, lp in zip(best.indices.tolist(), best.values.tolist()))
+        return Distribution(top=top, full=logprobs.numpy())
+
+    def _ids(self, rows: Sequence[Sequence[Token | int]]) -> tuple[list[list[int]], list[list[str]]]:
+        """Token ids per row and the text each adds."""
+        batch = self._open_batch()
+        if len(rows) != len(self._pieces):
+            raise ValueError(f"tokens for {len(rows)} rows, but the state has {len(self._pieces)}")
+        ids: list[list[int]] = []
+        texts: list[list[str]] = []
+        for row, tokens in enumerate(rows):
+            context = batch.fed[row] + self._pending[row]
+            row_ids, row_texts = [], []
+            for token in tokens:
+                token_id = token if isinstance(token, int) else token.id
+                if token_id is None:
+                    raise ValueError("local decoding needs token ids: append Tokens taken from this "
+                                     "model, or ids")
+                row_texts.append(self._model._piece(context + row_ids, token_id)
+                                 if isinstance(token, int) else token.text)
+                row_ids.append(token_id)
+            ids.append(row_ids)
+            texts.append(row_texts)
+        return ids, texts
 
     def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
-        logprobs = torch.log_softmax(self._batch.last_logits, dim=-1)
-        best = logprobs.topk(top_logprobs, dim=-1)
-        return [
-            Distribution(
-                top=tuple(Token(self._model._piece(fed, i), lp, i) for i, lp in zip(idx.tolist(), val.tolist())),
-                full=row.numpy(),
-            )
-            for row, idx, val, fed in zip(logprobs, best.indices, best.values, self._batch.fed)
-        ]
+        batch = self._flush()
+        return [self._distribution(logits, fed, top_logprobs)
+                for logits, fed in zip(batch.last_logits, batch.fed)]
 
-    def append(self, tokens: Sequence[Token]) -> None:
-        if any(t.id is None for t in tokens):
-            raise ValueError("local decoding needs token ids: append Tokens taken from this model")
-        self._batch.append([t.id for t in tokens])
-        self._texts = [text + t.text for text, t in zip(self._texts, tokens)]
+    def append(self, tokens: Sequence[Token | int]) -> None:
+        ids, texts = self._ids([[t] for t in tokens])
+        for row in range(len(ids)):
+            self._pending[row].extend(ids[row])
+            self._pieces[row].extend(texts[row])
+
+    def extend(self, tokens: Sequence[Sequence[Token | int]], *,
+               top_logprobs: int = 20) -> list[list[Distribution]]:
+        new, texts = self._ids(tokens)
+        batch = self._open_batch()
+        waiting = [len(p) for p in self._pending]
+        logits = batch.feed([p + ids for p, ids in zip(self._pending, new)])
+        self._pending = [[] for _ in self._pending]
+        out = []
+        for row, (row_logits, skip, ids) in enumerate(zip(logits, waiting, new)):
+            self._pieces[row].extend(texts[row])
+            start = len(batch.fed[row]) - len(ids)
+            out.append([self._distribution(row_logits[skip + k], batch.fed[row][: start + k + 1], top_logprobs)
+                        for k in range(len(ids))])
+        return out
+
+    def truncate(self, counts: int | Sequence[int]) -> None:
+        batch = self._open_batch()
+        counts = row_counts(counts, len(self._pieces))
+        for row, count in enumerate(counts):
+            if count > len(self._pieces[row]):
+                raise ValueError(f"row {row} has {len(self._pieces[row])} appended tokens; cannot "
+                                 f"roll back {count} (the prompt stays)")
+        # Pending tokens go first; the rest comes off the cache (which may refuse, so first).
+        fed_counts = [max(count - len(pending), 0) for count, pending in zip(counts, self._pending)]
+        if any(fed_counts):
+            batch.truncate(fed_counts)
+        for row, count in enumerate(counts):
+            waiting = count - fed_counts[row]
+            del self._pending[row][len(self._pending[row]) - waiting:]
+            del self._pieces[row][len(self._pieces[row]) - count:]
 
     def reorder(self, rows: Sequence[int]) -> None:
-        self._batch.reorder(rows)
-        self._texts = [self._texts[i] for i in rows]
+        self._open_batch().reorder(rows)
+        self._pending = [list(self._pending[i]) for i in rows]
+        self._pieces = [list(self._pieces[i]) for i in rows]
 
     @property
     def texts(self) -> list[str]:
-        return list(self._texts)
+        return ["".join(pieces) for pieces in self._pieces]
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
 
 
 def _end_token_ids(model, tokenizer) -> frozenset[int]:

@@ -21,6 +21,16 @@ What servers give
 - ``score`` reads the prompt's log-probs from ``echo=True``, as vLLM returns them. No other
   request can make a server score text it did not generate, so a server whose echo is
   missing or wrong (checked once per URL against log-probs it generates) gets a ModelError.
+- The context length, where the server lists it: vLLM's ``/v1/models`` gives
+  ``max_model_len`` (:attr:`OpenAIModel.context_length`, asked once).
+
+Errors
+------
+Every failure is a :class:`ModelError` that names the URL and the model and says what
+happened: how many tries the client really made (it retries refused connections, timeouts,
+408/409/429 and 5xx answers ``max_retries`` times with backoff, but never a stream that has
+begun), a connection closed mid-answer, a 404 from a URL without ``/v1``, a prompt beyond
+the server's context.
 
 llama.cpp server (llama-cpp-python) quirks
 ------------------------------------------
@@ -38,13 +48,19 @@ llama.cpp server (llama-cpp-python) quirks
 - It serves one request at a time, reports most failures as HTTP 500 (the client retries
   them), and cuts a stream short when another request arrives unless started with
   ``--interrupt_requests False`` (``stream`` then raises ModelError).
+- It reports its context (``--n_ctx``) nowhere but in the error for a prompt that does not
+  fit it; :attr:`OpenAIModel.context_length` is None until then. A ``max_tokens`` beyond the
+  context is silently lowered to what fits. A stream that fails (a prompt too long) ends
+  without a word: ``stream`` then sends the request unstreamed to learn why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
+import re
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +69,7 @@ from typing import Any
 import openai
 
 from towline.models.base import (GREEDY, Completion, DecodeState, Distribution, FinishReason, Model,
-                                 ModelError, Sampling, Scored, Step, Token)
+                                 ModelError, Sampling, Scored, Step, Token, row_counts)
 
 NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "min_p": 0.0}
 """Sent with every request: switches off llama.cpp's default penalties; other servers agree."""
@@ -69,18 +85,23 @@ class OpenAIModel(Model):
 
     ``api_key`` falls back to ``$OPENAI_API_KEY``, then to ``"EMPTY"`` (local servers);
     ``timeout`` (seconds) and ``max_retries`` (with backoff, on 429/5xx/connection errors)
-    apply to every request.
+    apply to every request. ``vocabulary`` names the served model's vocabulary (see
+    :attr:`Model.vocabulary`; ``load_model`` sets it for registry names); ``end_texts`` are
+    the texts its end-of-text tokens show as: ``""`` on llama.cpp, the tags (such as
+    ``"<|im_end|>"``) on vLLM.
     """
 
     def __init__(self, model: str, *, base_urls: Sequence[str], api_key: str | None = None,
                  timeout: float = 120, max_retries: int = 5, max_concurrency: int = 4,
-                 extra_body: dict | None = None, chat_template: str | None = None) -> None:
+                 extra_body: dict | None = None, chat_template: str | None = None,
+                 vocabulary: str | None = None, end_texts: Sequence[str] = ("",)) -> None:
         if not base_urls:
             raise ValueError("base_urls must name at least one server")
         self.name = model
         self.chat_template = chat_template
+        self.vocabulary = vocabulary
+        self.end_texts = frozenset(end_texts)
         self.extra_body = {**NEUTRAL_SAMPLING, **(extra_body or {})}
-        self._tries = max_retries + 1
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self._clients = {url: openai.OpenAI(base_url=url, api_key=key, timeout=timeout,
                                             max_retries=max_retries) for url in base_urls}
@@ -107,21 +128,44 @@ class OpenAIModel(Model):
 
     @contextlib.contextmanager
     def _errors(self, url: str) -> Iterator[None]:
-        """Turn the client's exceptions into :class:`ModelError` naming the server."""
+        """Turn the client's exceptions into :class:`ModelError` saying what happened at ``url``."""
         try:
             yield
-        except openai.APITimeoutError as error:
-            raise ModelError(f"{url} did not answer for model {self.name} within the timeout "
-                             f"({self._tries} tries): raise `timeout` or check the server's load"
-                             ) from error
-        except openai.APIConnectionError as error:
-            raise ModelError(f"cannot reach {url} for model {self.name} after {self._tries} tries "
-                             f"({error.__cause__ or error}): is the server running? Start one with "
-                             "`python -m llama_cpp.server --model FILE.gguf` or `vllm serve "
-                             "MODEL`, or check the URL") from error
+        except openai.APIConnectionError as error:  # timeouts included
+            raise ModelError(self._connection_problem(url, error)) from error
         except openai.APIStatusError as error:
-            raise ModelError(f"{url} refused a request for model {self.name} "
-                             f"(HTTP {error.status_code}): {error.message}") from error
+            raise ModelError(self._status_problem(url, error)) from error
+
+    def _connection_problem(self, url: str, error: openai.APIConnectionError) -> str:
+        tries = _tries(error.request)
+        causes = {kind.__name__ for kind in type(error.__cause__).__mro__} if error.__cause__ else set()
+        if isinstance(error, openai.APITimeoutError):
+            return (f"{url} did not answer for model {self.name} within the timeout ({tries}): the "
+                    "server may be overloaded, or the answer too long for the timeout")
+        if "RemoteProtocolError" in causes:
+            # The client does not retry a stream that breaks off after it started.
+            return (f"{url} closed the connection in the middle of an answer of model {self.name} "
+                    f"({tries}): the server stopped or crashed; check its log")
+        what = "connection refused" if "ConnectError" in causes else str(error.__cause__ or error)
+        return (f"cannot reach {url} for model {self.name}: {what} ({tries}). Is the server "
+                "running? Start one with `python -m llama_cpp.server --model FILE.gguf` or "
+                "`vllm serve MODEL`, or check the URL")
+
+    def _status_problem(self, url: str, error: openai.APIStatusError) -> str:
+        body = error.body if isinstance(error.body, dict) else {}
+        said = body.get("message") or body.get("detail") or error.message
+        tries = _tries(error.response.request)
+        problem = f"{url} refused a request for model {self.name} (HTTP {error.status_code}, {tries}): {said}"
+        if error.status_code == 404 and not url.rstrip("/").endswith("/v1"):
+            return f"{problem}. The URL probably lacks /v1: try {url.rstrip('/')}/v1"
+        limit = re.search(r"maximum context length is (\d+) tokens", str(said))
+        if limit:
+            # The server just said what ``context_length`` could not find out beforehand.
+            self.context_length = int(limit.group(1))
+            return (f"the request does not fit model {self.name} at {url}, whose context is "
+                    f"{limit.group(1)} tokens: shorten the prompt or ask for fewer tokens (the "
+                    f"server said: {said})")
+        return problem
 
     def _create(self, url: str, **params: Any) -> Any:
         with self._errors(url):
@@ -164,11 +208,12 @@ class OpenAIModel(Model):
             return
         (url,) = self._next_urls(1)
         params = self._params(max_tokens, sampling, top_logprobs)
-        finished = False
+        finished = received = False
         with self._errors(url), self._clients[url].completions.create(
             model=self.name, prompt=prompt, stream=True, **params
         ) as chunks:
             for chunk in chunks:
+                received = True
                 if not chunk.choices:  # a usage-only chunk
                     continue
                 choice = chunk.choices[0]
@@ -179,9 +224,14 @@ class OpenAIModel(Model):
                         steps = _within(steps, len(choice.text))
                 yield from steps
         if not finished:
+            if not received:
+                # llama-cpp-python ends a stream without a word when the request fails (a
+                # prompt longer than its context, ...): the same request unstreamed says why.
+                self._create(url, prompt=prompt, **self._params(1, sampling, top_logprobs))
             raise ModelError(f"{url} ended a stream of model {self.name} before the model "
-                             "finished; llama-cpp-python does this when another request arrives: "
-                             "start it with `--interrupt_requests False`")
+                             "finished; llama-cpp-python does this when another request arrives "
+                             "(start it with `--interrupt_requests False`) or when it fails (see "
+                             "its log)")
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
               top_logprobs: int = 1) -> list[Scored]:
@@ -219,6 +269,26 @@ class OpenAIModel(Model):
             if url not in self._token_counters:
                 self._token_counters[url] = self._find_token_counter(url)
             return self._token_counters[url](text)
+
+    @functools.cached_property
+    def context_length(self) -> int | None:
+        """The context the servers give the model, asked of each once, on first use: vLLM's
+        ``/v1/models`` lists it as ``max_model_len`` (the smallest over the URLs counts).
+        llama-cpp-python's server reports it nowhere, so it is None (unknown) there until
+        a request that does not fit makes the server say it."""
+        lengths = []
+        for url, client in self._clients.items():
+            with self._errors(url):
+                try:
+                    listing = client.get("/models", cast_to=object)
+                except openai.APIStatusError as error:
+                    if error.status_code in (404, 405):  # no such route: the length stays unknown
+                        continue
+                    raise
+            length = _context_of(listing, self.name)
+            if length is not None:
+                lengths.append(length)
+        return min(lengths, default=None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -303,29 +373,102 @@ class OpenAIModel(Model):
 
 
 class _ServerDecodeState(DecodeState):
-    """Rows of text; each :meth:`next` sends one ``max_tokens=1`` request per row."""
+    """Rows of text; each distribution costs one ``max_tokens=1`` request on ``prompt + text``.
+
+    A server keeps no state between requests that towline could address, so ``extend`` sends
+    one request per new position (concurrently) and ``truncate`` just forgets text. The
+    server tokenizes ``prompt + text`` afresh each time, which may merge appended tokens
+    differently from how they were taken.
+    """
 
     def __init__(self, model: OpenAIModel, prompts: Sequence[str]) -> None:
         self._model = model
         self._prompts = list(prompts)
-        self._texts = [""] * len(self._prompts)
+        self._pieces: list[list[str]] | None = [[] for _ in self._prompts]
+
+    def _rows(self) -> list[list[str]]:
+        if self._pieces is None:
+            raise ValueError("this DecodeState is closed")
+        return self._pieces
+
+    def _texts_of(self, rows: Sequence[Sequence[Token | int]]) -> list[list[str]]:
+        if len(rows) != len(self._rows()):
+            raise ValueError(f"tokens for {len(rows)} rows, but the state has {len(self._rows())}")
+        if any(isinstance(token, int) for row in rows for token in row):
+            raise ValueError(f"model {self._model.name} is served over HTTP, which takes tokens by "
+                             "text: append Tokens taken from its distributions, not ids")
+        return [[token.text for token in row] for row in rows]
 
     def next(self, *, top_logprobs: int = 20) -> list[Distribution]:
-        rows = [prompt + text for prompt, text in zip(self._prompts, self._texts)]
+        rows = [prompt + "".join(pieces) for prompt, pieces in zip(self._prompts, self._rows())]
         return self._model._next_distributions(rows, top_logprobs)
 
-    def append(self, tokens: Sequence[Token]) -> None:
-        if len(tokens) != len(self._texts):
-            raise ValueError(f"{len(tokens)} tokens for {len(self._texts)} rows")
-        self._texts = [text + token.text for text, token in zip(self._texts, tokens)]
+    def append(self, tokens: Sequence[Token | int]) -> None:
+        for pieces, (text,) in zip(self._rows(), self._texts_of([[t] for t in tokens])):
+            pieces.append(text)
+
+    def extend(self, tokens: Sequence[Sequence[Token | int]], *,
+               top_logprobs: int = 20) -> list[list[Distribution]]:
+        new = self._texts_of(tokens)
+        texts = [prompt + "".join(pieces) for prompt, pieces in zip(self._prompts, self._rows())]
+        queries = [(row, texts[row] + "".join(added[: k + 1])) for row, added in enumerate(new)
+                   for k in range(len(added))]
+        found = self._model._next_distributions([text for _, text in queries], top_logprobs)
+        out: list[list[Distribution]] = [[] for _ in new]
+        for (row, _), distribution in zip(queries, found):
+            out[row].append(distribution)
+        for pieces, added in zip(self._rows(), new):
+            pieces.extend(added)
+        return out
+
+    def truncate(self, counts: int | Sequence[int]) -> None:
+        rows = self._rows()
+        for row, count in enumerate(row_counts(counts, len(rows))):
+            if count > len(rows[row]):
+                raise ValueError(f"row {row} has {len(rows[row])} appended tokens; cannot roll back "
+                                 f"{count} (the prompt stays)")
+            del rows[row][len(rows[row]) - count:]
 
     def reorder(self, rows: Sequence[int]) -> None:
+        pieces = self._rows()
         self._prompts = [self._prompts[row] for row in rows]
-        self._texts = [self._texts[row] for row in rows]
+        self._pieces = [list(pieces[row]) for row in rows]
 
     @property
     def texts(self) -> list[str]:
-        return list(self._texts)
+        return ["".join(pieces) for pieces in self._rows()]
+
+    def close(self) -> None:
+        self._pieces = None
+
+
+def _context_of(listing: Any, name: str) -> int | None:
+    """The context length a ``/v1/models`` listing gives the model ``name``: its entry's
+    ``max_model_len`` (vLLM), or the only entry's when none has that id (llama-cpp-python lists
+    its file path whatever name requests use).
+
+    >>> _context_of({"data": [{"id": "m", "max_model_len": 4096}, {"id": "n"}]}, "m")
+    4096
+    >>> _context_of({"data": [{"id": "/models/x.gguf", "owned_by": "me"}]}, "m") is None
+    True
+    """
+    entries = [e for e in (listing.get("data") or []) if isinstance(e, dict)] if isinstance(listing, dict) else []
+    chosen = [e for e in entries if e.get("id") == name] or (entries if len(entries) == 1 else [])
+    lengths = [e["max_model_len"] for e in chosen if isinstance(e.get("max_model_len"), int)]
+    return min(lengths, default=None)
+
+
+def _tries(request: Any) -> str:
+    """How many times the client sent a request, read from the retry count it stamps on each
+    attempt (``x-stainless-retry-count``, 0 on the first).
+
+    >>> import httpx
+    >>> _tries(httpx.Request("POST", "http://h/v1", headers={"x-stainless-retry-count": "5"}))
+    '6 tries'
+    """
+    retries = request.headers.get("x-stainless-retry-count", "0") if request is not None else "0"
+    count = int(retries) + 1 if retries.isdigit() else 1
+    return "1 try" if count == 1 else f"{count} tries"
 
 
 def _top(entries: dict[str, float] | None, count: int) -> tuple[Token, ...]:
