@@ -217,3 +217,28 @@ def test_bad_specs_say_what_to_write():
                           ("reward:", "needs a model"), ("function:nomodule", "MODULE:NAME")]:
         with pytest.raises(ValueError, match=message):
             parse_scorer(spec)
+
+
+@pytest.mark.real_models
+def test_implicit_value_over_a_server_scores_each_candidates_whole_text(gemma_url):
+    from towline.methods.search import ChunkBeamSearch
+    from towline.methods.base import Participant
+    from towline.models.base import Sampling
+    from towline.models.openai import OpenAIModel
+
+    # gemma: llama-cpp-python echoes log-probs one token off for models without a BOS token
+    # (smollm2), which towline refuses; gemma has one.
+    served = f"openai:gemma-3-270m@{gemma_url}"
+    request = PromptRequest(question="Write a movie review.")
+    with open_scorer(f"implicit:{served},{served}", tuned_template="plain", tuned_system="You loved the movie.") as scorer:
+        search = ChunkBeamSearch(w=2, k=2, l=3, max_tokens=6, scorer=scorer, all_candidates=True)
+        base = Participant(OpenAIModel("gemma-3-270m", base_urls=[gemma_url]), Sampling(temperature=0.8, top_k=8, seed=5))
+        result = search.run(request, {"base": base})
+        assert result.error is None
+        assert result.model_calls["tuned"] == result.model_calls["untuned"] == result.selections == 2
+        # Servers re-score in full: each kept candidate's score is the implicit value of its
+        # whole text, as the same scorer gives it on its own (row bookkeeping across selections).
+        for candidate in result.candidates:
+            alone = scorer.start(request, rows=1).score([candidate.text])[0]
+            assert candidate.score == pytest.approx(alone, abs=0.05)
+        assert result.score == result.candidates[0].score >= result.candidates[1].score
