@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForSequenceClassification
 
 from towline.methods.scorers import (FunctionScorer, ImplicitValue, RewardModel, open_scorer, parse_scorer)
-from towline.models.base import RescoringState
+from towline.models.base import ModelError, RescoringState
 from towline.models.local import LocalModel
 from towline.models.local_scoring import CachedScoring
 from towline.prompts import PromptRequest, build_prompt
@@ -210,6 +211,13 @@ def test_reward_model_needs_a_label_when_it_has_several(tiny_classifier):
         RewardModel(str(tiny_classifier))
     with pytest.raises(Exception, match="no label 'happy'"):
         RewardModel(str(tiny_classifier), "happy")
+
+
+def test_a_missing_reward_model_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in (str(tmp_path / "no-such-folder"), "someone/no-such-reward-model"):
+        with pytest.raises(ModelError, match=f"(?s)could not load reward model '{re.escape(source)}'.*local directory or a Hugging Face id"):
+            open_scorer(f"reward:{source}")
 
 
 def test_bad_specs_say_what_to_write():

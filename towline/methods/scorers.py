@@ -47,7 +47,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from towline.methods.base import Participant
-from towline.models import load_model
+from towline.models import load_model, registry
 from towline.models.base import Model, ModelError, ScoreState
 from towline.prompts import PromptRequest
 
@@ -217,9 +217,20 @@ class RewardModel(Scorer):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.spec = f"reward:{source}" + (f"@{label}" if label else "")
+        options: dict = {}
+        if not Path(source).expanduser().exists():
+            # A Hub id: fail at once when it cannot load here, rather than after the Hub client's retries.
+            try:
+                options = registry.hub_options(source)
+            except ModelError as error:
+                reason = str(error).splitlines()[0].partition(": ")[2]
+                raise ModelError(f"could not load reward model {source!r}: {reason}\nGive a local directory or "
+                                 "a Hugging Face id of a sequence-classification model (needs the Hub or its "
+                                 "cache).") from None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **options)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32,
+                                                                            **options).eval()
         except OSError as error:
             raise ModelError(f"could not load reward model {source!r}: {error}\nGive a local directory or a "
                              "Hugging Face id of a sequence-classification model (needs the Hub or its cache).") from error
