@@ -105,6 +105,23 @@ def test_best_of_n_is_cbs_with_one_beam_and_unbounded_chunks(tiny_base):
     assert bon.candidate_tokens == sum(len(s.steps) for s in samples)
 
 
+def test_a_chunk_longer_than_the_budget_is_one_selection(tiny_base):
+    long = search(tiny_base, ChunkBeamSearch(w=2, k=3, l=50, max_tokens=9, scorer=FunctionScorer(crc)))
+    unbounded = search(tiny_base, ChunkBeamSearch(w=2, k=3, l=0, max_tokens=9, scorer=FunctionScorer(crc)))
+    assert (long.text, long.score, long.selections) == (unbounded.text, unbounded.score, 1)
+    assert long.model_calls == {"base": 1, "function": 1} and long.candidate_tokens == 6 * 9
+
+
+def test_one_successor_each_keeps_every_candidate_ranked(tiny_base):
+    # K = 1: the W candidates never compete away; each selection only puts them in score order.
+    scorer = Recording()
+    result = search(tiny_base, ChunkBeamSearch(w=3, k=1, l=4, max_tokens=10, scorer=scorer, all_candidates=True))
+    assert result.selections == 3 and [c.tokens for c in result.candidates] == [10, 10, 10]
+    orders = [event for kind, event in scorer.events if kind == "reorder"]
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    assert [c.score for c in result.candidates] == sorted((c.score for c in result.candidates), reverse=True)
+
+
 def test_reordered_cache_gives_the_logits_of_a_recomputed_prefix(tiny_base):
     prompt_ids = tiny_base.encode(PROMPT)
     state = tiny_base.open([PROMPT] * 3)
