@@ -1,4 +1,4 @@
-"""Tests for towline.prompts (SPEC section 1)."""
+"""Tests for towline.prompts (docs/prompts.md)."""
 
 from __future__ import annotations
 

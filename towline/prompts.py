@@ -1,4 +1,4 @@
-"""Prompts: one request, rendered for each model (SPEC section 1).
+"""Prompts: one request, rendered for each model (docs/prompts.md).
 
 A :class:`PromptRequest` holds the parts of a question; :func:`build_prompt` turns it into the
 text one model sees -- plain text for a base model, a chat template for a chat model -- and

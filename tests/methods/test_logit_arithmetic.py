@@ -1,4 +1,4 @@
-"""Logit arithmetic (SPEC §3): proxy-tuning / eft and the ensemble baseline.
+"""Logit arithmetic (docs/logit-arithmetic.md): proxy-tuning / eft and the ensemble baseline.
 
 The maths is pinned against a reference written here without any cache: at every step each
 model reads its whole prompt plus the answer so far in one plain forward pass, and the

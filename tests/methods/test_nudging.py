@@ -1,8 +1,8 @@
-"""Tests for towline.methods.nudging (SPEC section 2).
+"""Tests for towline.methods.nudging (docs/nudging.md).
 
 Two kinds of models drive the algorithm here:
 
-- tiny random-init Llamas (conftest) for the properties SPEC states for any models
+- tiny random-init Llamas (conftest) for the properties docs/nudging.md states for any models
   (γ = 0, γ > 1, a guide that ends at once, different tokenizers, the length budget);
 - :class:`ScriptedBase` / :class:`ScriptedGuide`, tiny deterministic models written for the
   rules that random weights almost never exercise (agreement, confidence, repetition). They
@@ -28,7 +28,7 @@ from towline.models.local import LocalModel
 from towline.prompts import PromptRequest, build_prompt
 
 QUESTION = "What is 2+2?"
-BASE_PROMPT = QUESTION + "\n"  # the plain prompt SPEC §1 gives a base for this request
+BASE_PROMPT = QUESTION + "\n"  # the plain prompt docs/prompts.md gives a base for this request
 EOS = None
 
 
@@ -227,7 +227,7 @@ def test_strip_repeated_suffix_properties(parts):
         assert stripped[-length:] != stripped[-2 * length: -length]
 
 
-# -- SPEC properties on tiny models --------------------------------------------------------
+# -- Properties of the rules on tiny models --------------------------------------------------------
 
 
 def prompts_for(base: Model, guide: Model, **templates) -> tuple[str, str]:

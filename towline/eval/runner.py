@@ -216,14 +216,6 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _concurrent(model: Model) -> bool:
-    """Whether a model takes requests from several threads at once (servers do; local
-    weights keep one decoding state)."""
-    from towline.models.openai import OpenAIModel
-
-    return isinstance(model, OpenAIModel)
-
-
 class _Models:
     """Every model of the run, opened once per spec and shared between methods, each local
     one with the lock that makes it serve one item at a time."""
@@ -240,7 +232,7 @@ class _Models:
             if spec not in self._open:
                 self._open[spec] = self._stack.enter_context(load_model(spec))
             model = self._open[spec]
-        if not _concurrent(model):
+        if not model.concurrent:
             self.locks.setdefault(id(model), threading.Lock())
         return model
 

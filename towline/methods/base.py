@@ -88,7 +88,7 @@ def option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Role:
     """A model slot of a method: ``chat`` says whether its default prompt is the model's chat
-    template (SPEC §1) or plain text; ``default`` is the model used when none is given. An
+    template (docs/prompts.md) or plain text; ``default`` is the model used when none is given. An
     optional role (``required=False``, no default) is simply left out when no model is given."""
 
     name: str

@@ -1,4 +1,4 @@
-"""Logit arithmetic (SPEC §3): proxy-tuning / emulated fine-tuning, and the ensemble baseline.
+"""Logit arithmetic (docs/logit-arithmetic.md): proxy-tuning / emulated fine-tuning, and the ensemble baseline.
 
 At every position each model reads its own prompt plus the answer so far, and the next token
 is chosen from a mixture of their next-token distributions:
@@ -243,7 +243,7 @@ def proxy_scores(base: np.ndarray, tuned: Sequence[np.ndarray], untuned: Sequenc
 
 def _approximate_proxy(lists: Sequence[dict[str, float]], alphas: Sequence[float]
                        ) -> tuple[list[str], list[float], bool]:
-    """SPEC §3's top-k approximation: ``lists`` are base, then tuned/untuned per pair."""
+    """The top-K approximation over servers (docs/logit-arithmetic.md): ``lists`` are base, then tuned/untuned per pair."""
     base, pairs = lists[0], list(zip(lists[1::2], lists[2::2], alphas, strict=True))
     active = [(t, u, alpha) for t, u, alpha in pairs if alpha]
     shared = [text for text in base if all(text in t and text in u for t, u, _ in active)]
@@ -256,7 +256,7 @@ def _approximate_proxy(lists: Sequence[dict[str, float]], alphas: Sequence[float
 @register
 @dataclass(kw_only=True)
 class ProxyTuning(_Mixing):
-    """SPEC §3: ``log p_base + Σ α_i (log p_tuned_i − log p_untuned_i)``, then the shared sampler."""
+    """``log p_base + Σ α_i (log p_tuned_i − log p_untuned_i)``, then the shared sampler."""
 
     name: ClassVar[str] = "proxy-tuning"
     summary: ClassVar[str] = "The base plus α × what tuning changed in a small model (logit arithmetic)."
@@ -325,7 +325,7 @@ GUIDE = Role("guide", chat=True, help="The small chat model added in (chat promp
 @register
 @dataclass(kw_only=True)
 class Ensemble(_Mixing):
-    """SPEC §3's baseline: ``p_base + p_guide`` over the union of their top-K tokens."""
+    """The ensemble baseline: ``p_base + p_guide`` over the union of their top-K tokens."""
 
     name: ClassVar[str] = "ensemble"
     summary: ClassVar[str] = "Base and guide probabilities added over the union of their top-K (a baseline)."

@@ -268,6 +268,9 @@ class Model(ABC):
     name: str
     chat_template: str | None = None
     """The model's own chat template (Jinja), where it ships one."""
+    concurrent: bool = False
+    """Whether several threads may call the model at once (a server takes many requests;
+    local weights hold one decoding state, so callers take turns)."""
     context_length: int | None = None
     """Most tokens (prompt and output together) the model attends to; None where unknown."""
     vocabulary: str | None = None

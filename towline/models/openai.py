@@ -91,6 +91,8 @@ class OpenAIModel(Model):
     ``"<|im_end|>"``) on vLLM.
     """
 
+    concurrent = True
+
     def __init__(self, model: str, *, base_urls: Sequence[str], api_key: str | None = None,
                  timeout: float = 120, max_retries: int = 5, max_concurrency: int = 4,
                  extra_body: dict | None = None, chat_template: str | None = None,

@@ -75,12 +75,14 @@ class FifoLock:
 
 
 class LockTable:
-    """One :class:`FifoLock` per model object, and the one order to take several in."""
+    """One :class:`FifoLock` per model that serves one caller at a time (see
+    :attr:`Model.concurrent`), and the one order to take several in."""
 
     def __init__(self) -> None:
         self._locks: dict[int, tuple[int, FifoLock, Model]] = {}
 
     def locks(self, models: Sequence[Model]) -> list[FifoLock]:
+        models = [m for m in models if not m.concurrent]  # a server takes requests side by side
         for model in models:
             if id(model) not in self._locks:  # the model is kept, so its id stays its own
                 self._locks[id(model)] = (len(self._locks), FifoLock(), model)
