@@ -144,7 +144,7 @@ def test_the_same_model_with_and_without_an_instruction(tiny_guide):
     assert "Be positive." in scoring.prompts["tuned"] and "Be positive." not in scoring.prompts["untuned"]
     assert scoring.score([" Great fun."])[0] != 0.0
     same = ImplicitValue(tiny_guide, tiny_guide).start(PromptRequest(question="Review it."), rows=1)
-    assert same.prompts["tuned"] != same.prompts["untuned"]  # chat template vs plain (SPEC §3)
+    assert same.prompts["tuned"] != same.prompts["untuned"]  # chat template vs plain (docs/prompts.md)
 
 
 # -- functions and reward models ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for weak-to-strong search (towline.methods.search, SPEC §4): the maths of CBS and
+"""Tests for weak-to-strong search (towline.methods.search, docs/search.md): the maths of CBS and
 best-of-N on tiny random models, and the bundled models end to end."""
 
 from __future__ import annotations

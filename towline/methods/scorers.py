@@ -116,7 +116,7 @@ class ImplicitValue(Scorer):
         self._owned = list(owned)
 
     def start(self, request: PromptRequest, rows: int, *, room: int = 0) -> Scoring:
-        # SPEC §3's prompts: the tuned model gets its chat template, the untuned one plain text.
+        # As in logit arithmetic: the tuned model gets its chat template, the untuned one plain text.
         sides = {"tuned": (self.tuned, self.tuned_template, self.tuned_system, True),
                  "untuned": (self.untuned, self.untuned_template, self.untuned_system, False)}
         prompts, templates, states = {}, {}, {}

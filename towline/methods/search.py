@@ -1,4 +1,4 @@
-"""Weak-to-strong search (Zhou et al., arXiv 2405.19262; SPEC §4): the base samples
+"""Weak-to-strong search (Zhou et al., arXiv 2405.19262; docs/search.md): the base samples
 candidates, a scorer built from small models picks which to keep.
 
 **Chunk-level beam search** (``cbs``): start with W·K copies of the prompt; sample L more
@@ -160,7 +160,7 @@ class _Search(Method):
 @register
 @dataclass(kw_only=True)
 class ChunkBeamSearch(_Search):
-    """SPEC §4: chunk-level beam search over the base's samples, guided by a scorer."""
+    """Chunk-level beam search over the base's samples, guided by a scorer (docs/search.md)."""
 
     name: ClassVar[str] = "cbs"
     summary: ClassVar[str] = "Chunk-level beam search: the base samples, small models' scores pick."
