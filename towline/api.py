@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -52,6 +52,11 @@ class Aligned:
 
     def generate(self, prompt: str | PromptRequest, *, on_text: OnText | None = None) -> Result:
         return self.method.run(as_request(prompt), self.participants, on_text=on_text)
+
+    def generate_batch(self, prompts: Sequence[str | PromptRequest]) -> list[Result]:
+        """Answer several prompts, decoded together where the method can (see
+        :meth:`Method.run_batch`)."""
+        return self.method.run_batch([as_request(p) for p in prompts], self.participants)
 
     def close(self) -> None:
         self._stack.close()

@@ -86,3 +86,17 @@ def test_recheck_scores_stored_answers_with_todays_checkers(sweep, tmp_path):
     assert build_report([run], tmp_path / "stale").summary.average != fresh.average
     rechecked = build_report([run], tmp_path / "rechecked", recheck=True).summary
     assert rechecked.average == fresh.average and rechecked.cells == fresh.cells
+
+
+def test_runs_of_one_configuration_over_different_tasks_join_into_one_column(tiny_base, tmp_path):
+    methods = {"base-only": {"base": tiny_base, "max_tokens": 4}}
+    evaluate(EvalConfig(datasets=("gsm8k",), num_samples=1, methods=methods), tmp_path / "first-half")
+    evaluate(EvalConfig(datasets=("sports",), num_samples=1, methods=methods), tmp_path / "second-half")
+    joined = build_report([tmp_path / "first-half", tmp_path / "second-half"], tmp_path / "report")
+    assert joined.summary.header() == ["base-only"]
+    assert [name for name, _ in joined.summary.rows()] == ["gsm8k", "sports", "average"]
+    assert all(cells[0] != "—" for _, cells in joined.summary.rows())
+    # Runs over the same items stay apart, told by their folders.
+    shutil.copytree(tmp_path / "first-half", tmp_path / "again")
+    apart = build_report([tmp_path / "first-half", tmp_path / "again"], tmp_path / "report2")
+    assert sorted(apart.summary.header()) == ["base-only (again)", "base-only (first-half)"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from towline.eval.runner import EvalConfig, RunError, evaluate, plan, read_results
+from towline.eval.runner import EvalConfig, RunError, evaluate, plan, read_results, record_key
 from towline.eval.summary import summarize
 
 
@@ -42,6 +42,17 @@ def test_a_run_writes_one_line_per_item_and_a_summary(tiny_base, tiny_guide, tmp
     config_saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config_saved["methods"]["nudging"]["base"] == "tiny-base"
     assert config_saved["sample_seed"] == 609
+
+
+def test_batches_give_every_item_once_and_nudging_the_same_answers(tiny_base, tiny_guide, tmp_path):
+    evaluate(config(tiny_base, tiny_guide), tmp_path / "one")
+    one = {record_key(r): r for r in lines(tmp_path / "one")}
+    summary = evaluate(config(tiny_base, tiny_guide, num_samples=3), tmp_path / "batched", batch_size=2)
+    batched = {record_key(r): r for r in lines(tmp_path / "batched")}
+    assert len(batched) == 3 * 2 * 3 and summary.complete
+    for key, record in one.items():
+        if key[0] == "nudging":  # not a batching method: answered one at a time, as before
+            assert batched[key]["result"]["text"] == record["result"]["text"]
 
 
 def test_resume_skips_finished_items_and_repairs_a_torn_line(tiny_base, tiny_guide, tmp_path):

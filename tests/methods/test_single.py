@@ -28,6 +28,37 @@ def test_never_more_than_max_tokens(tiny_base, tiny_guide, method, max_tokens):
         assert result.error is None
 
 
+BATCH = [PromptRequest(question=q) for q in ("What is 2+2?", "Name a red fruit.", "Why is the sky blue?",
+                                                "Count to five, please, slowly and carefully.")]
+
+
+@pytest.mark.parametrize("template", ["chatml", "{% for m in messages %}{{ m.role }}: {{ m.content }}e\n"
+                                                 "{% endfor %}assistant: "])
+def test_a_batch_answers_as_one_request_at_a_time_does(tiny_guide, template):
+    """Each answer of a greedy batch is the answer alone, token counts and stop reasons too,
+    wherever the answer alone has no near-tie (padding a batch moves logits in their last bits)."""
+    models = {"guide": Participant(tiny_guide, template=template)}
+    method = GuideOnly(max_tokens=12)
+    batched = method.run_batch(BATCH, models)
+    compared = 0
+    for request, together in zip(BATCH, batched, strict=True):
+        alone = method.run(request, models)
+        (completion,) = tiny_guide.complete([alone.prompts["guide"]], max_tokens=12, top_logprobs=2)
+        if min(s.top[0].logprob - s.top[1].logprob for s in completion.steps) < 1e-4:
+            continue
+        compared += 1
+        assert (together.text, together.tokens, together.stop_reason, together.prompts) == \
+            (alone.text, alone.tokens, alone.stop_reason, alone.prompts)
+    assert compared >= 2
+
+
+def test_a_sampled_batch_draws_each_answer_alone(tiny_base):
+    """Sampled answers do not depend on the batch they come in: the same seed, the same text."""
+    models = {"base": Participant(tiny_base, Sampling(temperature=1.0, seed=5))}
+    batched = BaseOnly(max_tokens=8).run_batch(BATCH, models)
+    assert [r.text for r in batched] == [BaseOnly(max_tokens=8).run(r, models).text for r in BATCH]
+
+
 @pytest.mark.parametrize("template", ["chatml", "{% for m in messages %}{{ m.role }}: {{ m.content }}e\n"
                                                  "{% endfor %}assistant: "])
 def test_greedy_text_is_what_complete_gives(tiny_guide, template):

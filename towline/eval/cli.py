@@ -134,6 +134,9 @@ def eval_command(
                                                          "more than the set holds).")] = 100,
     workers: Annotated[int, typer.Option(help="Items in flight at once (local models still serve one at a time).")]
     = 1,
+    batch_size: Annotated[int, typer.Option(help="Items of one method decoded together where the method can "
+                                                 "(greedy base-only and guide-only: one batch through the model).")]
+    = 8,
     resume: Annotated[bool, typer.Option(help="Finish the run in --out, skipping items already done.")] = False,
     source: Annotated[str, typer.Option(help=f"Where the data comes from: {' or '.join(SOURCES)} (Hugging Face).")]
     = "bundled",
@@ -172,7 +175,8 @@ def eval_command(
             prompt={"system": system, "question_prefix": question_prefix, "context": context,
                     "answer_start": answer_start})
         _quiet_libraries()
-        summary = evaluate(config, out_dir, workers=workers, resume=resume, progress=_progress)
+        summary = evaluate(config, out_dir, workers=workers, batch_size=batch_size, resume=resume,
+                           progress=_progress)
     except KeyboardInterrupt:
         err.print(f"interrupted: the finished items are saved in {out_dir}; add --resume to go on", markup=False)
         # Every finished item is already fsynced; do not wait for the items in flight.

@@ -1,8 +1,9 @@
 """``towline report``: runs side by side in the paper's layout, one self-contained HTML page
 with every answer, and a plot of accuracy and guide share against gamma.
 
-Each (run folder, method) is one column. Columns of the same method are told apart by the
-options in which they differ (``nudging gamma=0.3``), or else by their folder's name.
+Each (run folder, method) is one column; runs of one method with the same options over
+different items (a task list split in two) join into one. Columns of the same method are told
+apart by the options in which they differ (``nudging gamma=0.3``), or else by their folder's name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import html
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class Column:
     options: dict[str, Any]
     records: list[dict[str, Any]]
     label: str = ""
+    runs: list[Path] = field(default_factory=list)
+    """Every run folder the column's records come from."""
 
 
 @dataclass
@@ -61,9 +64,28 @@ def load_columns(runs: list[Path], *, recheck: bool = False) -> tuple[list[Colum
         tasks += [t for t in config["datasets"] if t not in tasks]
         for method, options in config["methods"].items():
             columns.append(Column(run, method, options, [r for r in records if r["method"] == method]))
+    columns = _join_shards(columns)
     _label(columns)
     columns.sort(key=lambda c: (method_rank(c.method), _number(c.options.get(SWEPT_OPTION)), c.label))
     return columns, tasks
+
+
+def _join_shards(columns: list[Column]) -> list[Column]:
+    """One column for runs of one method with the same options over different items (a long
+    evaluation split into several runs, say a task list in two halves run side by side)."""
+    joined: list[Column] = []
+    for column in columns:
+        items = {(r["task"], r["id"]) for r in column.records}
+        same = next((c for c in joined if c.method == column.method
+                     and json.dumps(c.options, sort_keys=True) == json.dumps(column.options, sort_keys=True)
+                     and not items & {(r["task"], r["id"]) for r in c.records}), None)
+        if same is None:
+            joined.append(Column(column.run, column.method, column.options, list(column.records),
+                                 runs=[column.run]))
+        else:
+            same.records += column.records
+            same.runs.append(column.run)
+    return joined
 
 
 def _recheck(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -267,7 +289,7 @@ def render_html(summary: Summary, columns: list[Column], tasks: list[str]) -> st
     column's answer (guide words highlighted), what the checker read and the judge's verdict."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>towline report</title>"
              f"<style>{STYLE}</style></head><body><h1>towline report</h1>",
-             "<p class='meta'>Runs: " + ", ".join(sorted({html.escape(str(c.run)) for c in columns})) + "</p>",
+             "<p class='meta'>Runs: " + ", ".join(sorted({html.escape(str(r)) for c in columns for r in c.runs})) + "</p>",
              _summary_html(summary),
              "<p class='meta'>Cells: percent correct; for judged tasks the judge's mean score (1-5). "
              "<mark class='guide'>Marked text</mark> came from the guide.</p>"]

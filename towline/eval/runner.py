@@ -40,7 +40,7 @@ from towline.eval.judge import KINDS, Judge, Judgement
 from towline.eval.summary import Summary, summarize
 from towline.eval.tasks import Task, task
 from towline.methods import OptionError, method_class
-from towline.methods.base import PromptTooLong
+from towline.methods.base import PromptTooLong, Result
 from towline.models import load_model
 from towline.models.base import Model, ModelError, Sampling
 from towline.prompts import PromptRequest
@@ -270,15 +270,19 @@ def plan(config: EvalConfig) -> list[Job]:
     return jobs
 
 
-def evaluate(config: EvalConfig, out: str | Path, *, workers: int = 1, resume: bool = False,
+def evaluate(config: EvalConfig, out: str | Path, *, workers: int = 1, batch_size: int = 1, resume: bool = False,
              progress: Callable[[int, int], Any] | None = None) -> Summary:
     """Run (or finish, with ``resume``) the evaluation in folder ``out`` and return its summary.
 
     ``progress(done, total)`` is a context-manager factory yielding a callback that gets each
     finished record (the CLI's progress bar). Models given as open :class:`Model` objects in
-    ``config.methods`` are used as they are (and left open)."""
+    ``config.methods`` are used as they are (and left open). ``batch_size`` items of one
+    method are answered together where the method can decode them as one batch (see
+    :meth:`Method.run_batch`)."""
     if workers < 1:
         raise RunError(f"--workers must be at least 1, got {workers}")
+    if batch_size < 1:
+        raise RunError(f"--batch-size must be at least 1, got {batch_size}")
     if len(config.datasets) > 1 and config.data is not None:
         raise RunError("--data gives the rows of one data set: name exactly one with --dataset")
     for name in config.datasets:
@@ -301,7 +305,7 @@ def evaluate(config: EvalConfig, out: str | Path, *, workers: int = 1, resume: b
             overrides = {k: v for k, v in config.prompt.items() if v is not None}
             callback_factory = progress or _no_progress
             with callback_factory(len(jobs) - len(todo), len(jobs)) as on_record:
-                for record in _run_jobs(todo, composed, judge, overrides, workers):
+                for record in _run_jobs(batches(todo, batch_size), composed, judge, overrides, workers):
                     folder.append(record)
                     records.append(record)
                     on_record(record)
@@ -322,32 +326,55 @@ class _no_progress:
         pass
 
 
-def _run_jobs(jobs: list[Job], composed: dict[str, Any], judge: Judge | None, overrides: dict[str, str],
-              workers: int) -> Iterable[dict[str, Any]]:
-    """Run the jobs with at most ``workers`` in flight; yield each finished record in the main
-    thread (answer checking runs there: math-verify's timeouts need the main thread)."""
-    pending = iter(jobs)
+def batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """The jobs in groups of up to ``size`` of one method, in plan order: a group is
+    emitted once it is full (or at the end), so a stopped run stays close to the plan's
+    fair order.
+
+    >>> from towline.eval.tasks import task
+    >>> jobs = [Job(m, task("gsm8k"), i, {"id": str(i)}) for i in range(3) for m in ("a", "b")]
+    >>> [[(j.method, j.index) for j in group] for group in batches(jobs, 2)]
+    [[('a', 0), ('a', 1)], [('b', 0), ('b', 1)], [('a', 2)], [('b', 2)]]
+    """
+    groups: list[list[Job]] = []
+    filling: dict[str, list[Job]] = {}
+    for job in jobs:
+        group = filling.setdefault(job.method, [])
+        group.append(job)
+        if len(group) == size:
+            groups.append(filling.pop(job.method))
+    groups.extend(filling.values())
+    return groups
+
+
+def _run_jobs(groups: list[list[Job]], composed: dict[str, Any], judge: Judge | None,
+              overrides: dict[str, str], workers: int) -> Iterable[dict[str, Any]]:
+    """Run the groups of jobs with at most ``workers`` in flight; yield each finished record
+    in the main thread (answer checking runs there: math-verify's timeouts need the main
+    thread)."""
+    pending = iter(groups)
     failure: BaseException | None = None
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="towline-eval")
-    inflight: dict[Future, Job] = {}
+    inflight: dict[Future, list[Job]] = {}
     try:
         while True:
             while failure is None and len(inflight) < workers:
-                job = next(pending, None)
-                if job is None:
+                group = next(pending, None)
+                if group is None:
                     break
-                inflight[pool.submit(_work, job, composed[job.method], judge, overrides)] = job
+                inflight[pool.submit(_work, group, composed[group[0].method], judge, overrides)] = group
             if not inflight:
                 break
             finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
             for future in finished:
-                job = inflight.pop(future)
+                group = inflight.pop(future)
                 try:
-                    outcome = future.result()
+                    outcomes = future.result()
                 except BaseException as error:  # noqa: BLE001 -- re-raised once the other items finish
                     failure = failure or error
                     continue
-                yield _record(job, outcome, overrides)
+                for job, outcome in zip(group, outcomes, strict=True):
+                    yield _record(job, outcome, overrides)
     finally:
         pool.shutdown(wait=failure is not None, cancel_futures=True)
     if failure is not None:
@@ -356,25 +383,47 @@ def _run_jobs(jobs: list[Job], composed: dict[str, Any], judge: Judge | None, ov
         raise failure
 
 
-def _work(job: Job, composed: tuple[Any, list[threading.Lock]], judge: Judge | None,
-          overrides: dict[str, str]) -> Outcome:
+def _work(group: list[Job], composed: tuple[Any, list[threading.Lock]], judge: Judge | None,
+          overrides: dict[str, str]) -> list[Outcome]:
+    """Answer a group of one method's jobs (as one batch where the method can), then judge."""
     aligned, locks = composed
-    request = job.task.request(job.row, **overrides)
+    requests = [job.task.request(job.row, **overrides) for job in group]
     with ExitStack() as held:
         for lock in locks:
             held.enter_context(lock)
-        try:
-            result = aligned.generate(request)
-        except PromptTooLong as error:
+        results = _answer(aligned, requests)
+    outcomes = []
+    for job, result in zip(group, results, strict=True):
+        if isinstance(result, PromptTooLong):
             # The item itself does not fit (a long question): record it, do not retry it.
-            return Outcome(None, None, error=str(error))
-    if result.stop_reason == "error":
-        raise RunError(f"{job.method} failed on {job.task.name} item {job.row['id']}: {result.error}")
-    judgement = None
-    if judge is not None and job.task.judge in KINDS:
-        judgement = judge.judge(job.task.judge, question=job.row["question"], answer=result.text,
-                                gold=job.task.gold(job.row))
-    return Outcome(result.to_dict(), judgement)
+            outcomes.append(Outcome(None, None, error=str(result)))
+            continue
+        if result.stop_reason == "error":
+            raise RunError(f"{job.method} failed on {job.task.name} item {job.row['id']}: {result.error}")
+        judgement = None
+        if judge is not None and job.task.judge in KINDS:
+            judgement = judge.judge(job.task.judge, question=job.row["question"], answer=result.text,
+                                    gold=job.task.gold(job.row))
+        outcomes.append(Outcome(result.to_dict(), judgement))
+    return outcomes
+
+
+def _answer(aligned: Any, requests: list[PromptRequest]) -> list[Result | PromptTooLong]:
+    """Each request's result, or the error saying it does not fit its model. A batch that
+    fails (one request too long, a model that cannot decode the batch) is answered again a
+    request at a time, so that each gets its own outcome."""
+    if len(requests) > 1:
+        try:
+            return aligned.generate_batch(requests)
+        except (PromptTooLong, ModelError):
+            pass
+    results: list[Result | PromptTooLong] = []
+    for request in requests:
+        try:
+            results.append(aligned.generate(request))
+        except PromptTooLong as error:
+            results.append(error)
+    return results
 
 
 def _record(job: Job, outcome: Outcome, overrides: dict[str, str]) -> dict[str, Any]:

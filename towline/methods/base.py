@@ -23,7 +23,7 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -196,6 +196,14 @@ class Method(ABC):
     def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
             on_text: OnText | None = None) -> Result:
         """Answer one request with the open models, one per role."""
+
+    def run_batch(self, requests: Sequence[PromptRequest], models: Mapping[str, Participant]) -> list[Result]:
+        """Answer several requests; a method that can decode them together (one batch through
+        the model, much faster per answer on local weights) overrides this.
+
+        Greedy answers are those of :meth:`run` up to near-ties (padding a batch moves logits
+        in their last bits); a request that cannot be answered raises, as :meth:`run` does."""
+        return [self.run(request, models) for request in requests]
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:

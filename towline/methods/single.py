@@ -10,14 +10,14 @@ than ``max_tokens`` tokens are read.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import ClassVar
 
 from towline.methods.base import BASE, GUIDE, Method, OnText, Participant, Result, Role, register
 from towline.models.base import ModelError
-from towline.prompts import PromptRequest
+from towline.prompts import BuiltPrompt, PromptRequest
 
 
 @dataclass(kw_only=True)
@@ -46,6 +46,36 @@ class _Alone(Method):
                 raise
             error = str(failure)
         answer.flush()
+        return self._result(role, prompt, answer, read, time.perf_counter() - started, error)
+
+    def run_batch(self, requests: Sequence[PromptRequest], models: Mapping[str, Participant]) -> list[Result]:
+        """Greedy answers decoded together in one :meth:`Model.complete` call. Sampled
+        answers are drawn one request at a time, so that a request's answer does not depend
+        on the others in its batch."""
+        (role,) = self.roles
+        participant = models[role.name]
+        if len(requests) < 2 or not participant.sampling.greedy:
+            return super().run_batch(requests, models)
+        started = time.perf_counter()
+        prompts = [participant.prompt(r, chat=role.chat, room=self.max_tokens, role=role.name) for r in requests]
+        end_of_turn = prompts[0].end_of_turn  # one model, one template: the same for every request
+        completions = participant.model.complete([p.text for p in prompts], max_tokens=self.max_tokens,
+                                                 sampling=participant.sampling,
+                                                 stop=[end_of_turn] if end_of_turn else [])
+        seconds = (time.perf_counter() - started) / len(requests)  # each answer's share of the batch
+        results = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            answer = _Answer(end_of_turn, role.name, None)
+            read = 0
+            for step in completion.steps:
+                read += 1
+                if answer.add(step.token.text):
+                    break
+            results.append(self._result(role, prompt, answer, read, seconds, None))
+        return results
+
+    def _result(self, role: Role, prompt: BuiltPrompt, answer: _Answer, read: int, seconds: float,
+                error: str | None) -> Result:
         if error is not None:
             stop_reason = "error"
         else:
@@ -56,7 +86,7 @@ class _Alone(Method):
             stop_reason=stop_reason,
             tokens=answer.tokens,
             model_calls={role.name: 1},
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
             prompts={role.name: prompt.text},
             templates={role.name: prompt.template},
             error=error,
