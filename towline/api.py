@@ -90,6 +90,7 @@ def compose(*, method: str = "nudging", **kwargs: Any) -> Aligned:
                 model = opened[model]
             if model is not None:
                 participants[role.name] = Participant(model, samplings[role.name], templates.get(role.name))
+        stack.enter_context(instance)
     except BaseException:
         stack.close()
         raise

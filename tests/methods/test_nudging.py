@@ -257,7 +257,10 @@ def test_gamma_zero_guide_gives_first_word_base_writes_greedily(tiny_base, tiny_
         (proposal,) = tiny_guide.complete([guide_prompt + out], max_tokens=8)
         words = split_words(proposal.text)
         assert "" not in words[1:2]  # no empty second word: w_0 alone is expected
-        assert r.nudging_words == words[0]
+        if number == len(result.rounds) - 1:  # the budget may cut the last round's words
+            assert words[0].startswith(r.nudging_words) and r.nudging_words
+        else:
+            assert r.nudging_words == words[0]
         out += r.nudging_words
         (greedy,) = base.complete([base_prompt + out], max_tokens=max_tokens)
         pieces = [s.token.text for s in greedy.steps]

@@ -179,6 +179,15 @@ class Method(ABC):
     def check(self) -> None:
         """Range checks of the method's own options (raise :class:`OptionError`)."""
 
+    def __enter__(self) -> Method:
+        """Open what the method needs besides its roles' models (a search opens its scorer),
+        once for many requests: :func:`towline.compose` enters the method and exits it when
+        it closes. A method that was not entered opens and closes them in each :meth:`run`."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close what :meth:`__enter__` opened."""
+
     def check_roles(self, given: Collection[str]) -> None:
         """Checks that depend on which roles have a model (``given``: their names), made
         before any model loads; for methods with optional roles (raise :class:`OptionError`)."""

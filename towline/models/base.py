@@ -12,6 +12,8 @@ in and text out, so base and guide may use different tokenizers.
 - :meth:`Model.open` -- an incremental :class:`DecodeState` for a batch: next-token
   distributions (the full vocabulary where the backend has it), append tokens, feed several
   at once, roll back, reorder rows (beam search), so methods can run their own decoding loop.
+- :meth:`Model.open_scoring` -- a :class:`ScoreState`: log-probs of growing continuations of
+  a batch of prompts, each row's work in proportion to what it grew by (search scorers).
 - :meth:`Model.count_tokens` -- length of a text in this model's tokens.
 
 Methods that mix distributions token by token need two more facts about a model:
@@ -210,6 +212,56 @@ def row_counts(counts: int | Sequence[int], rows: int) -> list[int]:
     return counts
 
 
+class ScoreState(ABC):
+    """Log-probabilities of growing continuations of a batch of prompts, for scorers that
+    judge candidates again and again as they grow (weak-to-strong search).
+
+    :meth:`score` gives, per row, what :meth:`Model.score` gives summed: the log-probability
+    of the continuation's tokens (the prompt and continuation are tokenized together, as
+    text, and scored from the first token that is not the prompt's own). A row is re-read
+    only from its first token that changed since it was last scored, so a candidate that
+    grows by a chunk costs that chunk, not its whole text.
+    """
+
+    @abstractmethod
+    def score(self, continuations: Sequence[str]) -> list[float]:
+        """The log-probability of ``continuations[i]`` after the prompt of row ``i``."""
+
+    @abstractmethod
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Keep the rows listed, in that order (repeats allowed): row ``i`` becomes old ``rows[i]``."""
+
+    def close(self) -> None:
+        """Release what the state holds (caches)."""
+
+
+class RescoringState(ScoreState):
+    """A :class:`ScoreState` for any model: every row whose text changed is scored again in
+    full with :meth:`Model.score` (one call for the batch). Backends with a KV cache do better.
+    """
+
+    def __init__(self, model: Model, prompts: Sequence[str]) -> None:
+        self._model = model
+        self._prompts = list(prompts)
+        self._texts: list[str | None] = [None] * len(self._prompts)
+        self._totals = [0.0] * len(self._prompts)
+
+    def score(self, continuations: Sequence[str]) -> list[float]:
+        if len(continuations) != len(self._prompts):
+            raise ValueError(f"{len(continuations)} continuations for {len(self._prompts)} rows")
+        changed = [i for i, text in enumerate(continuations) if text != self._texts[i]]
+        if changed:
+            scored = self._model.score([self._prompts[i] for i in changed], [continuations[i] for i in changed])
+            for i, result in zip(changed, scored):
+                self._texts[i], self._totals[i] = continuations[i], result.logprob
+        return list(self._totals)
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        self._prompts = [self._prompts[i] for i in rows]
+        self._texts = [self._texts[i] for i in rows]
+        self._totals = [self._totals[i] for i in rows]
+
+
 class Model(ABC):
     """A language model that towline can steer or be steered by."""
 
@@ -272,6 +324,11 @@ class Model(ABC):
     @abstractmethod
     def open(self, prompts: Sequence[str]) -> DecodeState:
         """Start incremental decoding of a batch of prompts."""
+
+    def open_scoring(self, prompts: Sequence[str]) -> ScoreState:
+        """Score growing continuations of a batch of prompts (see :class:`ScoreState`). This
+        default re-scores each changed row in full; local weights keep a KV cache per row."""
+        return RescoringState(self, prompts)
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:

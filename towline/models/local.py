@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
+from towline.models.local_scoring import CachedScoring
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -37,6 +38,7 @@ from towline.models.base import (
     ModelError,
     Sampling,
     Scored,
+    ScoreState,
     Step,
     Token,
     row_counts,
@@ -407,6 +409,10 @@ class LocalModel(Model):
 
     def open(self, prompts: Sequence[str]) -> DecodeState:
         return _LocalDecodeState(self, prompts)
+
+    def open_scoring(self, prompts: Sequence[str]) -> ScoreState:
+        """Rows scored on top of their cached prefixes (re-read in full when ``reuse_prefix`` is off)."""
+        return CachedScoring(self, prompts, reuse=self.reuse_prefix)
 
 
 class _LocalDecodeState(DecodeState):
