@@ -138,7 +138,7 @@ def test_a_server_dying_mid_answer_leaves_the_answer_so_far(doomed_server):
     result = nudge(base=model, guide=model, request=REQUEST, guide_template="chatml", max_tokens=48,
                    on_text=kill_after_the_first_round)
     assert result.stop_reason == "error"
-    assert url in result.error and "is the server running?" in result.error
+    assert url in result.error and "Is the server running?" in result.error
     (first,) = result.rounds
     assert first.nudging_words and result.text == first.nudging_words + first.base_text == "".join(seen)
     assert result.tokens == result.guide_tokens + result.base_tokens > 0
