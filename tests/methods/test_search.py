@@ -247,7 +247,8 @@ def test_compose_opens_the_scorer_once_and_closes_what_it_opened(tiny_base, tmp_
                          sampling=SAMPLING) as aligned:
         scorer = aligned.method._scorer
         first, second = aligned.generate("Hi"), aligned.generate("Ho")
-        assert aligned.method._scorer is scorer and first.scorer == "function:opened:score"
+        assert aligned.method._scorer is scorer  # the second answer reused the scorer opened for the first
+        assert first.scorer == second.scorer == "function:opened:score"
     assert aligned.method._scorer is None
     given = Recording()
     with towline.compose(method="cbs", base=tiny_base, scorer=given, max_tokens=2, sampling=SAMPLING) as aligned:

@@ -39,8 +39,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from towline.methods.base import BASE, Method, OnText, OptionError, Participant, Result, Role, option, register
-from towline.methods.scorers import Scorer, Scoring, import_function, open_scorer, parse_scorer
+from towline.methods.base import (BASE, Method, OnText, OptionError, Participant, Result, Role, option,
+                                   positive, register)
+from towline.methods.scorers import Scorer, import_function, open_scorer, parse_scorer
 from towline.models.base import Distribution, ModelError, Sampling, Token
 from towline.prompts import PromptRequest, check_template
 from towline.sampling import choose, generator
@@ -171,9 +172,7 @@ class ChunkBeamSearch(_Search):
 
     def check(self) -> None:
         super().check()
-        for name in ("w", "k"):
-            if getattr(self, name) < 1:
-                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
+        positive(self, "w", "k")
         if self.l is not None and self.l < 0:
             raise OptionError("l", f"must be at least 1, or 0/none for unbounded, got {self.l}")
 
@@ -194,8 +193,7 @@ class BestOfN(_Search):
 
     def check(self) -> None:
         super().check()
-        if self.n < 1:
-            raise OptionError("n", f"must be at least 1, got {self.n}")
+        positive(self, "n")
 
     @property
     def shape(self) -> tuple[int, int, int | None]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
-from towline.models.local_scoring import CachedScoring
+from towline.models.local_scoring import CachedScoring, common_prefix_length
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -281,7 +281,7 @@ class LocalModel(Model):
     def _reusable_prefix(self, ids: list[int]) -> tuple[int, object] | None:
         if not self.reuse_prefix or self._prefix is None:
             return None
-        shared = _common_prefix_length(self._prefix.ids, ids)
+        shared = common_prefix_length(self._prefix.ids, ids)
         shared = min(shared, len(ids) - 1)  # the last prompt token must be fed to get logits
         if shared < MIN_REUSED_PREFIX:
             return None
@@ -392,7 +392,7 @@ class LocalModel(Model):
             prompt_ids = self.encode(prompt)
             full_ids = self.encode(prompt + continuation)
             # Tokens may merge across the boundary: score from the first token that differs.
-            start = max(_common_prefix_length(prompt_ids, full_ids), 1)
+            start = max(common_prefix_length(prompt_ids, full_ids), 1)
             with torch.inference_mode():
                 logits = self.model(input_ids=torch.tensor([full_ids], device=self.device),
                                     logits_to_keep=len(full_ids) - start + 1).logits[0, :-1].float().cpu()
@@ -539,12 +539,3 @@ def _end_token_ids(model, tokenizer) -> frozenset[int]:
     if not ids:
         raise ModelError("the model names no end-of-text token (eos_token_id); set one in its config")
     return frozenset(ids)
-
-
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -75,7 +75,7 @@ class CachedScoring(ScoreState):
         self._feed({r: self._drop_stale(r, targets[r]) for r in changed})
         for r in changed:
             # As Model.score: the continuation's tokens start where the prompt's own end.
-            start = max(_common_prefix_length(self._prompt_ids[r], targets[r]), 1)
+            start = max(common_prefix_length(self._prompt_ids[r], targets[r]), 1)
             self._texts[r] = continuations[r]
             self._totals[r] = sum(self._logprobs[r][start:])
         return list(self._totals)
@@ -109,7 +109,7 @@ class CachedScoring(ScoreState):
         and the last shared one too (the cache keeps no output distribution, so it is fed
         again to score the token after it). Returns what to feed and the log-prob of its first
         token (known already when that token was cached)."""
-        shared = _common_prefix_length(self._fed[row], target)
+        shared = common_prefix_length(self._fed[row], target)
         keep = max(shared - 1, 0)
         first_logprob = self._logprobs[row][keep] if shared else 0.0
         for slot in self._slots[row][keep:]:
@@ -147,7 +147,8 @@ class CachedScoring(ScoreState):
                 self._logprobs[r].extend([first_logprob, *logprobs.gather(-1, following).squeeze(-1).tolist()])
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
