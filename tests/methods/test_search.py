@@ -3,6 +3,7 @@ best-of-N on tiny random models, and the bundled models end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -300,3 +301,19 @@ def test_search_over_a_server_draws_among_the_listed_tokens(gemma_url):
     assert result.model_calls["recording"] == result.selections <= 2
     assert all(c.tokens == 4 and c.text for c in result.candidates if not c.ended)
     assert all(c.tokens <= 4 for c in result.candidates) and len(result.candidates) == 3
+
+
+def test_a_search_whose_scorer_holds_local_models_answers_one_at_a_time(tiny_base, tiny_guide, tmp_path):
+    """The eval runner and the server run answers side by side only where every model allows:
+    a scorer on local weights, kept open across answers, makes the method take turns."""
+    from towline.eval.runner import _compose, _Models
+    from towline.methods.scorers import ImplicitValue
+
+    with ImplicitValue(tiny_guide, tiny_guide) as local_scorer:
+        assert not local_scorer.concurrent
+        method = BestOfN(n=2, scorer=local_scorer)
+        assert not method.concurrent
+        with contextlib.ExitStack() as stack:
+            aligned, locks = _compose(stack, _Models(stack), "bon", {"base": tiny_base, "scorer": local_scorer, "n": 2})
+            assert len(locks) == 2  # the base's and the method's own
+    assert BestOfN(n=2, scorer="implicit:a,b").concurrent  # not open yet: each answer opens its own

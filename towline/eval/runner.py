@@ -249,8 +249,10 @@ def _compose(stack: ExitStack, models: _Models, name: str, kwargs: dict[str, Any
             raise OptionError(role.name, f"method {name!r} needs a {role.name} model")
         resolved[role.name] = models.get(spec)
     aligned = stack.enter_context(compose(method=name, **resolved))
-    own = sorted({id(p.model) for p in aligned.participants.values()} & set(models.locks))
-    return aligned, [models.locks[i] for i in own]
+    if not aligned.method.concurrent:  # state of its own (a search's local scorer): one answer at a time
+        models.locks[id(aligned.method)] = threading.Lock()
+    users = {id(p.model) for p in aligned.participants.values()} | {id(aligned.method)}
+    return aligned, [models.locks[i] for i in sorted(users & set(models.locks))]
 
 
 def plan(config: EvalConfig) -> list[Job]:

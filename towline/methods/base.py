@@ -197,6 +197,12 @@ class Method(ABC):
             on_text: OnText | None = None) -> Result:
         """Answer one request with the open models, one per role."""
 
+    @property
+    def concurrent(self) -> bool:
+        """Whether threads may run answers at once (where its models allow it): a method that
+        keeps models or state of its own across answers says when they may not."""
+        return True
+
     def run_batch(self, requests: Sequence[PromptRequest], models: Mapping[str, Participant]) -> list[Result]:
         """Answer several requests; a method that can decode them together (one batch through
         the model, much faster per answer on local weights) overrides this.

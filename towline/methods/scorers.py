@@ -79,6 +79,8 @@ class Scorer(ABC):
 
     spec: str
     """What it is, as a spec string (shown in results)."""
+    concurrent: bool = False
+    """Whether several threads may score at once (only where every model it uses allows it)."""
 
     @abstractmethod
     def start(self, request: PromptRequest, rows: int, *, room: int = 0) -> Scoring:
@@ -104,6 +106,10 @@ class ImplicitValue(Scorer):
     or Jinja); ``*_system`` replaces the request's system text in that model's prompt, which
     is how one chat model with and without an instruction makes a tuned/untuned pair.
     """
+
+    @property
+    def concurrent(self) -> bool:  # type: ignore[override]
+        return self.tuned.concurrent and self.untuned.concurrent
 
     def __init__(self, tuned: Model, untuned: Model, *, tuned_template: str | None = None,
                  untuned_template: str | None = None, tuned_system: str | None = None,

@@ -136,6 +136,11 @@ class _Search(Method):
         return open_scorer(self.scorer, tuned_template=self.tuned_template, untuned_template=self.untuned_template,
                            tuned_system=self.tuned_system, untuned_system=self.untuned_system)
 
+    @property
+    def concurrent(self) -> bool:
+        shared = self._scorer or (self.scorer if isinstance(self.scorer, Scorer) else None)
+        return shared is None or shared.concurrent  # a scorer opened per answer is its own
+
     def __enter__(self) -> _Search:
         if self._scorer is None:
             self._scorer = self.open_scorer()

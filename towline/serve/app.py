@@ -191,7 +191,7 @@ def create_app(models: Mapping[str, LocalModel] | None = None, composites: Mappi
     locks = LockTable()
     entries: dict[str, LocalEntry | CompositeEntry] = {
         name: LocalEntry(name, model, Words(model), locks.locks([model])) for name, model in models.items()}
-    entries.update({name: CompositeEntry(name, aligned, locks.locks([p.model for p in aligned.participants.values()]))
+    entries.update({name: CompositeEntry(name, aligned, locks.locks([*(p.model for p in aligned.participants.values()), aligned.method]))
                     for name, aligned in composites.items()})
     metrics = Metrics()
     in_flight = 0

@@ -36,6 +36,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from towline.methods.base import Method
 from towline.models.base import DecodeState, Model, Sampling, Scored, Step, Token
 from towline.models.local import LocalModel
 
@@ -81,7 +82,9 @@ class LockTable:
     def __init__(self) -> None:
         self._locks: dict[int, tuple[int, FifoLock, Model]] = {}
 
-    def locks(self, models: Sequence[Model]) -> list[FifoLock]:
+    def locks(self, models: Sequence[Model | Method]) -> list[FifoLock]:
+        """The locks of ``models`` (and methods that hold state of their own) that serve one
+        caller at a time, in the one order."""
         models = [m for m in models if not m.concurrent]  # a server takes requests side by side
         for model in models:
             if id(model) not in self._locks:  # the model is kept, so its id stays its own
