@@ -38,7 +38,7 @@ from collections.abc import Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
-from towline.models.base import Model, Step
+from towline.models.base import Delegating, Model, Step
 
 NEAR_TIE_NATS = 1.0
 """Most log-prob gap (nats) between two tokens that two implementations of one model may
@@ -57,7 +57,7 @@ class Call:
     steps: tuple[Step, ...]
 
 
-class Recorded(Model):
+class Recorded(Delegating):
     """A model as it is, recording its ``complete`` and ``stream`` calls into ``calls``.
 
     Every call asks for :data:`TOP_LOGPROBS` alternatives (more than a method may ask for:
@@ -66,10 +66,7 @@ class Recorded(Model):
     """
 
     def __init__(self, model: Model, clock: itertools.count | None = None) -> None:
-        self.model = model
-        self.name = model.name
-        self.chat_template = model.chat_template
-        self.context_length = model.context_length
+        super().__init__(model)
         self.clock = clock or itertools.count()
         self.calls: list[Call] = []
 
@@ -88,15 +85,6 @@ class Recorded(Model):
                 read.append(step)
                 self.calls[index] = Call(self.calls[index].order, prompt, tuple(read))
                 yield step
-
-    def score(self, prompts, continuations, **kwargs):
-        return self.model.score(prompts, continuations, **kwargs)
-
-    def open(self, prompts):
-        return self.model.open(prompts)
-
-    def count_tokens(self, text: str) -> int:
-        return self.model.count_tokens(text)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from bench.spec_nudging import SpecRun, spec_nudging
 from towline.methods.nudging import NudgingResult, nudge
-from towline.models.base import Completion, Model, Step
+from towline.models.base import Completion, Delegating, Model, Step
 from towline.models.local import LocalModel
 from towline.models.openai import OpenAIModel
 from towline.prompts import PromptRequest, build_prompt
@@ -35,7 +35,7 @@ QUESTIONS = [json.loads(line)["question"] for line in
 SYSTEM = "Answer the question by walking through the reasoning steps."
 
 
-class Shared(Model):
+class Shared(Delegating):
     """A model as it is, used by two runs in turn: towline's, then the transcription's.
 
     It counts the steps its streams yield (what towline read). A stream that towline stops
@@ -48,10 +48,7 @@ class Shared(Model):
     """
 
     def __init__(self, model: Model) -> None:
-        self.model = model
-        self.name = model.name
-        self.chat_template = model.chat_template
-        self.context_length = model.context_length
+        super().__init__(model)
         self.answers: dict[tuple, Completion] = {}
         self.steps_read = 0
 
@@ -77,15 +74,6 @@ class Shared(Model):
                 ended = len(steps) < max_tokens
                 self.answers[(prompt, max_tokens, ())] = Completion(
                     "".join(s.token.text for s in steps), steps, "end" if ended else "length")
-
-    def score(self, prompts, continuations, **kwargs):
-        return self.model.score(prompts, continuations, **kwargs)
-
-    def open(self, prompts):
-        return self.model.open(prompts)
-
-    def count_tokens(self, text: str) -> int:
-        return self.model.count_tokens(text)
 
 
 def both(base: Model, guide: Model, request: PromptRequest, **options) -> tuple[NudgingResult, SpecRun, int]:

@@ -27,7 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -342,6 +342,38 @@ class Model(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Delegating(Model):
+    """A model that passes every call on to ``model``: the base of wrappers that watch,
+    record or share another model's calls (they override the calls they watch). It
+    describes itself as ``model`` does: name, template, context, vocabulary, end of text,
+    concurrency."""
+
+    DESCRIPTION = ("name", "chat_template", "context_length", "vocabulary", "end_ids", "end_texts", "concurrent")
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        for attribute in self.DESCRIPTION:
+            setattr(self, attribute, getattr(model, attribute))
+
+    def complete(self, prompts: Sequence[str], **kwargs: Any) -> list[Completion]:
+        return self.model.complete(prompts, **kwargs)
+
+    def stream(self, prompt: str, **kwargs: Any) -> Generator[Step, None, None]:
+        return self.model.stream(prompt, **kwargs)
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str], **kwargs: Any) -> list[Scored]:
+        return self.model.score(prompts, continuations, **kwargs)
+
+    def open(self, prompts: Sequence[str]) -> DecodeState:
+        return self.model.open(prompts)
+
+    def open_scoring(self, prompts: Sequence[str]) -> ScoreState:
+        return self.model.open_scoring(prompts)
+
+    def count_tokens(self, text: str) -> int:
+        return self.model.count_tokens(text)
 
 
 class ModelError(RuntimeError):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from towline.methods.base import Method
-from towline.models.base import DecodeState, Model, Sampling, Scored, Step, Token
+from towline.models.base import DecodeState, Delegating, Model, Sampling, Scored, ScoreState, Step, Token
 from towline.models.local import LocalModel
 
 
@@ -170,21 +170,14 @@ def _holding(locks: Sequence[FifoLock], cancelled: threading.Event) -> Iterator[
             lock.release()
 
 
-class Watched(Model):
+class Watched(Delegating):
     """A composite's model as its method sees it: every call, and every streamed token,
     first checks that the request is still wanted, so a cancelled composite stops within a
     token or one model call."""
 
     def __init__(self, model: Model, job: Job) -> None:
-        self.model = model
+        super().__init__(model)
         self.job = job
-        self.name = model.name
-        self.chat_template = model.chat_template
-        self.context_length = model.context_length
-        # What methods that mix distributions read: which ids mean what, and which end the text.
-        self.vocabulary = model.vocabulary
-        self.end_ids = model.end_ids
-        self.end_texts = model.end_texts
 
     def complete(self, prompts, **kwargs):
         self.job.check()
@@ -205,8 +198,9 @@ class Watched(Model):
         self.job.check()
         return self.model.open(prompts)
 
-    def count_tokens(self, text: str) -> int:
-        return self.model.count_tokens(text)
+    def open_scoring(self, prompts) -> ScoreState:
+        self.job.check()
+        return self.model.open_scoring(prompts)
 
 
 class Words:
