@@ -30,23 +30,23 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.spec_nudging import spec_nudging
 from towline.eval import datasets
 from towline.methods.nudging import nudge
 from towline.models import registry
 from towline.models.openai import OpenAIModel
 from towline.prompts import PromptRequest, build_prompt
 
-SERVER_SCRIPT = Path(__file__).parents[1] / "tests" / "llama_server.py"
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the tests' llama.cpp server (prefix reuse off)
+from llama_server import start as start_llama_server  # noqa: E402
+from spec_nudging import spec_nudging  # noqa: E402  (bench/, this script's folder)
+
 MODEL = "smollm2-135m-instruct"
 SYSTEM = "Answer the question by walking through the reasoning steps."
 
@@ -55,30 +55,13 @@ class Server:
     """A llama.cpp server on a free port, logging the tokens it generates."""
 
     def __init__(self, gguf: Path, folder: Path, role: str) -> None:
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         self.log = folder / f"{role}.generated"
         self.log.touch()
-        self.url = f"http://127.0.0.1:{port}/v1"
-        command = [sys.executable, str(SERVER_SCRIPT), "--model", str(gguf), "--host", "127.0.0.1",
-                   "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-                   "--interrupt_requests", "False", "--verbose", "False"]
-        self.output = (folder / f"{role}.log").open("wb")
-        self.process = subprocess.Popen(command, stdout=self.output, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "TOWLINE_GENERATED_LOG": str(self.log)})
-        deadline = time.monotonic() + 120
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise SystemExit(f"the {role} server did not start:\n{(folder / f'{role}.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/models", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        try:
+            self.process, self.url = start_llama_server(gguf, folder / f"{role}.log", ready_timeout=120,
+                                                        env={"TOWLINE_GENERATED_LOG": str(self.log)})
+        except RuntimeError as error:
+            raise SystemExit(f"the {role} server did not start: {error}") from None
 
     def generated(self) -> int:
         """Tokens generated so far, once the server has logged every generation it began."""
@@ -96,7 +79,6 @@ class Server:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        self.output.close()
 
 
 def measure(servers: dict[str, Server], models: dict[str, OpenAIModel], answer) -> tuple[object, dict]:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import copy
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from llama_server import start as start_llama_server
 from towline.models.local import LocalModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -142,33 +139,6 @@ def tiny_bpe(bpe_tokenizer) -> LocalModel:
 
 # -- real llama.cpp servers (llama-cpp-python) for server-backed models ----------------
 
-SERVER_SCRIPT = Path(__file__).with_name("llama_server.py")
-READY_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Poll ``/v1/models`` until the server answers; fail with the end of its log if not."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"llama.cpp server exited with code {process.returncode}:\n"
-                        f"{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"llama.cpp server at {url} not ready after {READY_TIMEOUT_S}s:\n"
-                f"{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[Callable[[Path], str]]:
     """A factory: ``llama_server(gguf_path)`` returns the ``/v1`` base URL of a llama.cpp
@@ -190,17 +160,11 @@ def llama_server() -> Iterator[Callable[[Path], str]]:
     def start(gguf: Path) -> str:
         gguf = Path(gguf).resolve()
         if gguf not in servers:
-            port = free_port()
-            log = Path(logs.name) / f"{gguf.stem}-{port}.log"
-            command = [sys.executable, str(SERVER_SCRIPT), "--model", str(gguf),
-                       "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                       "--n_threads", "1", "--n_threads_batch", "1",
-                       "--interrupt_requests", "False", "--verbose", "False"]
-            with log.open("wb") as out:
-                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                process, url = start_llama_server(gguf, Path(logs.name) / f"{gguf.stem}.log")
+            except RuntimeError as error:
+                pytest.fail(str(error))
             processes.append(process)
-            url = f"http://127.0.0.1:{port}/v1"
-            _wait_until_ready(url, process, log)
             servers[gguf] = url
         return servers[gguf]
 

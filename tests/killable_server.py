@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-READY_TIMEOUT_S = 90
+import llama_server
 
 
 @dataclass
@@ -53,39 +52,22 @@ class KillableServer:
 @contextlib.contextmanager
 def killable_server(gguf: Path, folder: Path) -> Iterator[KillableServer]:
     """A server for ``gguf`` with its log and progress file in ``folder``; killed on exit."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    progress = folder / f"progress-{port}"
-    log = folder / f"server-{port}.log"
-    command = [sys.executable, __file__, "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-               "--interrupt_requests", "False", "--verbose", "False"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TOWLINE_TEST_PROGRESS": str(progress)})
-    server = KillableServer(f"http://127.0.0.1:{port}/v1", process, progress)
+    own = Path(tempfile.mkdtemp(prefix="server-", dir=folder))
+    progress = own / "progress"
+    process, url = llama_server.start(gguf, own / "server.log", script=Path(__file__),
+                                      env={"TOWLINE_TEST_PROGRESS": str(progress)})
+    server = KillableServer(url, process, progress)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama.cpp server did not start:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{server.url}/models", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.2)
         yield server
     finally:
         server.kill()
 
 
 def _main() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     import llama_cpp
-    import llama_server  # noqa: F401  (patches generate to evaluate every prompt from scratch)
     from llama_cpp.server.__main__ import main
 
+    llama_server.evaluate_from_scratch()
     from_scratch = llama_cpp.Llama.generate
 
     def generate(self, *args, **kwargs):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_SCRIPT, _wait_until_ready, free_port
+from llama_server import start as start_llama_server
 from near_ties import Recorded, assert_same_up_to_a_near_tie
 
 from towline.methods.base import Participant
@@ -108,16 +108,9 @@ def test_cross_family_nudging_over_http_with_a_named_template(served_base, smol_
 def doomed_server(smol_gguf: Path, tmp_path: Path):
     """A llama.cpp server of the test's own (SmolLM2), for the test to kill: its URL, its
     process and its log."""
-    port = free_port()
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), "--model", str(smol_gguf), "--host", "127.0.0.1", "--port",
-             str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-             "--interrupt_requests", "False", "--verbose", "False"], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    process, url = start_llama_server(smol_gguf, log)
     try:
-        _wait_until_ready(url, process, log)
         yield url, process, log
     finally:
         process.kill()
