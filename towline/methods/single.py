@@ -32,21 +32,19 @@ class _Alone(Method):
         prompt = participant.prompt(request, chat=role.chat, room=self.max_tokens, role=role.name)
         answer = _Answer(prompt.end_of_turn, role.name, on_text)
         error = None
-        read = 0
         stream = participant.model.stream(prompt.text, max_tokens=self.max_tokens,
                                           sampling=participant.sampling)
         try:
             with closing(stream):  # closing it stops the decoding, e.g. at the end-of-turn string
                 for step in stream:
-                    read += 1
-                    if answer.add(step.token.text) or read == self.max_tokens:
+                    if answer.add(step.token.text) or answer.read == self.max_tokens:
                         break
         except ModelError as failure:
-            if read == 0:  # nothing to keep: the request itself failed (a prompt too long, ...)
+            if answer.read == 0:  # nothing to keep: the request itself failed (a prompt too long, ...)
                 raise
             error = str(failure)
         answer.flush()
-        return self._result(role, prompt, answer, read, time.perf_counter() - started, error)
+        return self._result(role, prompt, answer, time.perf_counter() - started, error)
 
     def run_batch(self, requests: Sequence[PromptRequest], models: Mapping[str, Participant]) -> list[Result]:
         """Greedy answers decoded together in one :meth:`Model.complete` call. Sampled
@@ -66,20 +64,18 @@ class _Alone(Method):
         results = []
         for prompt, completion in zip(prompts, completions, strict=True):
             answer = _Answer(end_of_turn, role.name, None)
-            read = 0
             for step in completion.steps:
-                read += 1
                 if answer.add(step.token.text):
                     break
-            results.append(self._result(role, prompt, answer, read, seconds, None))
+            results.append(self._result(role, prompt, answer, seconds, None))
         return results
 
-    def _result(self, role: Role, prompt: BuiltPrompt, answer: _Answer, read: int, seconds: float,
+    def _result(self, role: Role, prompt: BuiltPrompt, answer: _Answer, seconds: float,
                 error: str | None) -> Result:
         if error is not None:
             stop_reason = "error"
         else:
-            stop_reason = "length" if read == self.max_tokens and not answer.stopped else "end"
+            stop_reason = "length" if answer.read == self.max_tokens and not answer.stopped else "end"
         return Result(
             method=self.name,
             text=answer.text,
@@ -115,6 +111,11 @@ class _Answer:
         self.stopped = False
         self._starts: list[int] = []  # where each token's text starts
         self._shown = 0
+
+    @property
+    def read(self) -> int:
+        """Tokens taken so far."""
+        return len(self._starts)
 
     @property
     def tokens(self) -> int:
