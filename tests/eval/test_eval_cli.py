@@ -91,7 +91,7 @@ def test_ctrl_c_stops_at_once_and_keeps_the_finished_items(installed, tmp_path):
     installed("gemma-3-270m")
     out = tmp_path / "x"
     process = subprocess.Popen([sys.executable, "-m", "towline.cli", "eval", "--dataset", "arc_challenge", "--method",
-                                "base-only", "--max-tokens", "64", "-n", "5", "--out", str(out)],
+                                "base-only", "--max-tokens", "64", "-n", "5", "--batch-size", "1", "--out", str(out)],
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     results = out / "results.jsonl"
