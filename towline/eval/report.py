@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from towline.eval.datasets import load
-from towline.eval.runner import CONFIG_FILE, RESULTS_FILE, read_results, score_record, write_atomic
+from towline.eval.runner import CONFIG_FILE, RESULTS_FILE, read_results, score_record
 from towline.eval.summary import Summary, method_rank, summarize
 from towline.eval.tasks import task
+from towline.files import write_atomic
 
 HTML_FILE = "report.html"
 PLOT_FILE = "gamma.png"

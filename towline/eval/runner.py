@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +37,7 @@ from towline.eval import checking
 from towline.eval.datasets import SAMPLE_SEED, Row, load, sample
 from towline.eval.judge import KINDS, Judge, Judgement
 from towline.eval.summary import Summary, summarize
+from towline.files import write_atomic
 from towline.eval.tasks import Task, task
 from towline.methods import OptionError, method_class
 from towline.methods.base import PromptTooLong, Result
@@ -199,21 +199,6 @@ def read_results(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
 
 def record_key(record: dict[str, Any]) -> tuple[str, str, str]:
     return (record["method"], record["task"], record["id"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a unique temporary file and an atomic rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o644)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 class _Models:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from towline.files import write_atomic
 from towline.methods import METHODS
 
 
@@ -113,7 +114,6 @@ class Summary:
         return "\n".join(lines) + "\n"
 
     def save(self, folder: Path) -> None:
-        from towline.eval.runner import write_atomic
 
         write_atomic(folder / "summary.json", json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         note = "" if self.complete else f"\n{self.missing} items are not finished yet: rerun with --resume.\n"

@@ -57,6 +57,7 @@ from typing import Literal
 
 from filelock import FileLock, Timeout
 
+from towline.files import write_atomic
 from towline.models.base import ModelError
 
 
@@ -360,15 +361,7 @@ def _unique(folder: Path, prefix: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Replace ``path`` atomically: a reader sees the old file or the new one, never a part."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
-    try:
-        with temp.open("x") as f:
-            json.dump(data, f, indent=1)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path) -> dict | None:
