@@ -20,7 +20,8 @@ def chatml(question: str, answer_start: str = "") -> str:
 
 
 SHORT_ANSWER = chatml("What is 2+2? Answer with one number.")
-"""SmolLM2 answers this greedily with ``The answer is 4.`` and ends its turn."""
+"""SmolLM2 answers this greedily with a short sentence holding ``4`` (``The answer is 4.`` here) and
+ends its turn."""
 PLAIN = "The capital of France is"
 
 
@@ -62,20 +63,26 @@ def test_steps_hold_sorted_top_k_and_top1_prob(smol):
 
 
 def test_model_ending_its_turn_is_end_without_an_empty_step(smol):
-    for stop in ((), ("\n\n",)):
-        (completion,) = smol.complete([SHORT_ANSWER], max_tokens=30, stop=stop)
-        assert completion.text == "The answer is 4."
+    """What the answer says is llama.cpp's numerics on this CPU (a near-tie may part another
+    CPU's from it): what is checked is how its end is reported, from the answer itself."""
+    answers = [smol.complete([SHORT_ANSWER], max_tokens=30, stop=stop)[0] for stop in ((), ("\n\n",))]
+    for completion in answers:
+        assert "4" in completion.text
         assert completion.finish_reason == "end" and completion.ended
-        assert [s.token.text for s in completion.steps] == ["The", " answer", " is", " ", "4", "."]
+        assert completion.steps and all(s.token.text for s in completion.steps)  # no step for the end of text
+        assert "".join(s.token.text for s in completion.steps) == completion.text
+    assert answers[0].text == answers[1].text
 
 
 def test_stop_string_and_length(smol):
+    (whole,) = smol.complete([SHORT_ANSWER], max_tokens=30)
     (stopped,) = smol.complete([SHORT_ANSWER], max_tokens=30, stop=["4"])
-    assert stopped.text == "The answer is "
+    assert stopped.text == whole.text[:whole.text.index("4")]
     assert stopped.finish_reason == "stop"
     assert "".join(s.token.text for s in stopped.steps) == stopped.text
     (cut,) = smol.complete([SHORT_ANSWER], max_tokens=3)
-    assert (cut.text, cut.finish_reason, len(cut.steps)) == ("The answer is", "length", 3)
+    assert (cut.text, cut.finish_reason, len(cut.steps)) == \
+        ("".join(s.token.text for s in whole.steps[:3]), "length", 3)
     assert smol.complete([SHORT_ANSWER], max_tokens=0)[0].finish_reason == "length"
 
 
