@@ -28,8 +28,12 @@ from towline.models.openai import OpenAIModel
 from towline.prompts import PromptRequest, build_prompt
 
 from killable_server import killable_server
+from near_ties import NEAR_TIE_NATS
 
 REQUEST = PromptRequest(question="Write a function that adds two numbers.", system="Be brief.")
+CLEAR_REQUEST = PromptRequest(question="What is the capital of France?", system="Be brief.")
+"""SmolLM2's proxy-tuned (α 0.5) greedy answer to this, 'The capital of France is Paris.',
+keeps its two best tokens over 1.1 nats apart at each of its first 8 positions."""
 
 
 class ForwardCounter:
@@ -60,16 +64,17 @@ def tiny_untuned2(tiny_guide) -> LocalModel:
     return tiny_like(tiny_guide, seed=4, name="tiny-untuned2")
 
 
-def prompt_of(model, role: str, template: str | None = None) -> str:
+def prompt_of(model, role: str, template: str | None = None, request: PromptRequest = REQUEST) -> str:
     chat = role.startswith("tuned") or role == "guide"
-    return build_prompt(REQUEST, chat=chat, template=template, model_template=model.chat_template).text
+    return build_prompt(request, chat=chat, template=template, model_template=model.chat_template).text
 
 
 def reference(models: Mapping[str, LocalModel], max_tokens: int, *, alphas=(), ensemble_k: int = 0,
-              templates: Mapping[str, str] | None = None) -> tuple[list[int], list[float]]:
+              templates: Mapping[str, str] | None = None,
+              request: PromptRequest = REQUEST) -> tuple[list[int], list[float]]:
     """Greedy logit arithmetic recomputed from scratch at every step: the token ids and, per
     step, the margin between the best and second-best mixed score."""
-    prompts = {role: model.encode(prompt_of(model, role, (templates or {}).get(role)))
+    prompts = {role: model.encode(prompt_of(model, role, (templates or {}).get(role), request))
                for role, model in models.items()}
     ends = set().union(*(m.end_ids for m in models.values()))
     ids: list[int] = []
@@ -99,8 +104,8 @@ def reference(models: Mapping[str, LocalModel], max_tokens: int, *, alphas=(), e
     return ids, margins
 
 
-def run(method: str, models: Mapping[str, object], **options):
-    return towline.generate(method=method, prompt=REQUEST, **models, **options)
+def run(method: str, models: Mapping[str, object], request: PromptRequest = REQUEST, **options):
+    return towline.generate(method=method, prompt=request, **models, **options)
 
 
 # -- the arithmetic on tiny models ----------------------------------------------------------
@@ -332,25 +337,21 @@ def test_server_top_k_approximation_agrees_with_local_exact(served_smol, smollm2
     """SmolLM2 in all three roles (base and untuned plain, tuned chat; α = 0.5 makes the
     mixture half base, half tuned). With K = the whole vocabulary the approximation drops
     nothing, so the server run is the exact arithmetic on llama.cpp's numerics: it agrees
-    with local fp32 up to the first position whose best two tokens are nearly tied."""
+    with local fp32 up to the first position whose best two tokens are nearly tied (closer
+    than the two implementations can move them: near_ties.NEAR_TIE_NATS). The question is
+    one whose greedy answer has no near-tie in its first tokens."""
     models = {"base": smollm2_guide, "tuned": smollm2_guide, "untuned": smollm2_guide}
-    local = run("proxy-tuning", models, alpha=0.5, max_tokens=8)
+    local = run("proxy-tuning", models, CLEAR_REQUEST, alpha=0.5, max_tokens=8)
     served = run("proxy-tuning", {"base": served_smol, "tuned": served_smol, "untuned": served_smol},
-                 alpha=0.5, max_tokens=8, top_logprobs=SMOL_VOCABULARY)
+                 CLEAR_REQUEST, alpha=0.5, max_tokens=8, top_logprobs=SMOL_VOCABULARY)
     assert local.exact and not served.exact
     assert served.prompts == local.prompts and served.fallback_tokens == 0
-    ids, margins = reference(models, 8, alphas=[0.5])
+    ids, margins = reference(models, 8, alphas=[0.5], request=CLEAR_REQUEST)
     assert local.text == smollm2_guide.tokenizer.decode(ids)
-    near_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(ids))
+    near_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE_NATS), len(ids))
     assert near_tie >= 3, "the test prompt should open with clear choices"
     agreed = smollm2_guide.tokenizer.decode(ids[:near_tie])
     assert served.text.startswith(agreed)
-
-
-NEAR_TIE = 0.5
-"""Nats. llama.cpp multiplies 4-bit weights with 8-bit-quantized activations: on SmolLM2
-Q4_1, the gap between a position's two best log-probs differs from fp32 transformers' by
-~0.1 nats typically and up to ~0.5."""
 
 
 @pytest.mark.real_models
