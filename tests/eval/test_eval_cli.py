@@ -93,7 +93,9 @@ def test_ctrl_c_stops_at_once_and_keeps_the_finished_items(installed, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "towline.cli", "eval", "--dataset", "arc_challenge", "--method",
                                 "base-only", "--max-tokens", "64", "-n", "5", "--batch-size", "1", "--out", str(out)],
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # Ctrl-C reaches it also where the tests run with SIGINT ignored.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = out / "results.jsonl"
     deadline = time.monotonic() + 600
     while not (results.exists() and complete_lines(results)):

@@ -22,8 +22,11 @@ WAIT_S = 120  # generous bound for a slow, shared machine; the waits end as soon
 
 
 def start(*args: str) -> subprocess.Popen:
+    """A Python process that Ctrl-C interrupts, also where the tests themselves run with
+    SIGINT ignored (a shell's background job), which children would inherit."""
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
