@@ -70,10 +70,13 @@ def request_for(question: str) -> PromptRequest:
 
 def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool) -> dict:
     base, guide = LocalModel.load(pair.base), LocalModel.load(pair.guide)
+    # The same weights decoding one forward pass a token, as plain greedy decoding does.
+    plain_base = LocalModel(base.model, base.tokenizer, name=pair.base, draft=False)
     counters = {"base": Forwards(base.model), "guide": Forwards(guide.model)}
     sides = {"nudging": compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens)}
     if not profile:
-        sides["base_only"] = compose(method="base-only", base=base, max_tokens=max_tokens)
+        sides["base_only"] = compose(method="base-only", base=plain_base, max_tokens=max_tokens)
+        sides["base_only_drafted"] = compose(method="base-only", base=base, max_tokens=max_tokens)
     for aligned in sides.values():  # warm-up: first passes allocate; not counted
         aligned.generate(request_for("What is 2 + 3?"))
     for counter in counters.values():
@@ -108,6 +111,8 @@ def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool
             entry["rounds_per_answer"] = round(sum(len(r.rounds) for r in side_results) / len(side_results), 1)
         report[side] = entry
     report["ratio"] = round(report["nudging"]["tokens_per_second"] / report["base_only"]["tokens_per_second"], 3)
+    report["ratio_to_drafted_base"] = round(
+        report["nudging"]["tokens_per_second"] / report["base_only_drafted"]["tokens_per_second"], 3)
     for aligned in sides.values():
         aligned.close()
     return report

@@ -79,6 +79,19 @@ def smollm2_guide(installed) -> LocalModel:
     return LocalModel.load("smollm2-135m-instruct")
 
 
+# The Qwen pair weighs 8 GB in float32: each module that uses it loads it and lets it go.
+@pytest.fixture(scope="module")
+def qwen_base(installed) -> LocalModel:
+    installed("qwen2.5-coder-1.5b-instruct")
+    return LocalModel.load("qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="module")
+def qwen_small(installed) -> LocalModel:
+    installed("qwen2.5-coder-0.5b-instruct")
+    return LocalModel.load("qwen2.5-coder-0.5b-instruct")
+
+
 def with_eos_bias(model: LocalModel, bias: float, *, name: str | None = None) -> LocalModel:
     """A copy of a local model whose output layer adds ``bias`` to the end-of-text logit.
 

@@ -269,18 +269,6 @@ def test_options_and_roles_are_checked_before_any_model_loads():
 # -- real weights ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qwen_base(installed) -> LocalModel:
-    installed("qwen2.5-coder-1.5b-instruct")
-    return LocalModel.load("qwen2.5-coder-1.5b-instruct")
-
-
-@pytest.fixture(scope="module")
-def qwen_small(installed) -> LocalModel:
-    installed("qwen2.5-coder-0.5b-instruct")
-    return LocalModel.load("qwen2.5-coder-0.5b-instruct")
-
-
 @pytest.mark.real_models
 def test_qwen_coder_pair_real_weights(qwen_base, qwen_small):
     """The 1.5B Instruct on a plain prompt as base; the 0.5B Instruct with its chat template

@@ -76,7 +76,7 @@ class ScriptedBase(Scripted):
             yield Step(taken, (taken,))
             text += token
 
-    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=()):
+    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=(), lookup=()):
         out = []
         for prompt in prompts:
             steps = list(self._decode(prompt, max_tokens))
@@ -84,7 +84,7 @@ class ScriptedBase(Scripted):
             out.append(Completion("".join(s.token.text for s in steps), steps, "end" if ended else "length"))
         return out
 
-    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
+    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1, lookup=()):
         yield from self._decode(prompt, max_tokens)
 
 
@@ -129,7 +129,7 @@ class ScriptedGuide(Scripted):
         self.final = final
         self.seen: list[str] = []
 
-    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=()):
+    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=(), lookup=()):
         (prompt,) = prompts
         self.seen.append(prompt)
         ended = len(self.seen) > len(self.proposals)
@@ -138,7 +138,7 @@ class ScriptedGuide(Scripted):
         steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
         return [Completion("".join(tokens), steps, "end" if ended else "length")]
 
-    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1):
+    def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1, lookup=()):
         yield from self.complete([prompt], max_tokens=max_tokens)[0].steps
 
 

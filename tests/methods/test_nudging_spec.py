@@ -4,8 +4,10 @@ stop reason, the text and the model calls must be equal, and towline must read n
 tokens than the rules need.
 
 The models are greedy and deterministic: llama.cpp servers that evaluate every prompt from
-scratch (conftest), local weights with prefix reuse off (a reused KV cache gives logits that
-differ in the last bits, which can flip a near-tie between two calls), tiny random models.
+scratch (conftest), local weights with prefix reuse and drafting off (a reused KV cache, or a
+pass over several tokens, gives logits that differ in the last bits, which can flip a near-tie
+between two calls), tiny random models. tests/methods/test_nudging_speed.py holds the fast
+local path to this plain one.
 
 The GSM8K questions in tests/fixtures/gsm8k_sample.jsonl are the first 12 of the GSM8K test
 split (openai/grade-school-math, MIT license).
@@ -105,8 +107,8 @@ def gsm8k(question: str) -> PromptRequest:
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_base, tiny_guide) -> tuple[LocalModel, LocalModel]:
-    return (LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-base", reuse_prefix=False),
-            LocalModel(tiny_guide.model, tiny_guide.tokenizer, name="tiny-guide", reuse_prefix=False))
+    return (LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-base", reuse_prefix=False, draft=False),
+            LocalModel(tiny_guide.model, tiny_guide.tokenizer, name="tiny-guide", reuse_prefix=False, draft=False))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,8 +148,8 @@ def test_servers_follow_the_rules_on_gsm8k(smol_url):
 @pytest.mark.real_models
 def test_local_weights_follow_the_rules_on_gsm8k(gemma_base, smollm2_guide):
     """gemma-3-270m nudged by SmolLM2-135M-Instruct on local weights (the bundled pair)."""
-    base = LocalModel(gemma_base.model, gemma_base.tokenizer, name=gemma_base.name, reuse_prefix=False)
-    guide = LocalModel(smollm2_guide.model, smollm2_guide.tokenizer, name=smollm2_guide.name, reuse_prefix=False)
+    base = LocalModel(gemma_base.model, gemma_base.tokenizer, name=gemma_base.name, reuse_prefix=False, draft=False)
+    guide = LocalModel(smollm2_guide.model, smollm2_guide.tokenizer, name=smollm2_guide.name, reuse_prefix=False, draft=False)
     for question in QUESTIONS[:2]:
         result, spec, read = both(base, guide, gsm8k(question), max_tokens=48)
         assert_same(result, spec, read)

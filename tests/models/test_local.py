@@ -50,8 +50,9 @@ class ForwardCounter:
 
 @pytest.fixture(scope="module")
 def fresh(tiny_base) -> LocalModel:
-    """tiny_base's weights without prefix reuse, so each call computes from scratch."""
-    return LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-fresh", reuse_prefix=False)
+    """tiny_base's weights without prefix reuse or drafts, so each call computes from scratch,
+    a token a pass."""
+    return LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-fresh", reuse_prefix=False, draft=False)
 
 
 def ids_of(model: LocalModel, text: str) -> list[int]:
@@ -625,6 +626,90 @@ def test_prefix_reuse_after_a_closed_stream(tiny_base):
     assert counter.tokens < len(ids_of(model, more)) / 2
     plain = LocalModel(tiny_base.model, tiny_base.tokenizer, name="plain", reuse_prefix=False)
     assert c.steps[0].token.id == plain.complete([more], max_tokens=1)[0].steps[0].token.id
+
+
+# -- drafts -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drafting(tiny_base) -> LocalModel:
+    """tiny_base's weights, drafting by lookup, each call from scratch (no prefix reuse)."""
+    return LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-drafting", reuse_prefix=False, draft=True)
+
+
+def assert_same_greedy_run(drafted: list, plain: list) -> None:
+    """The same tokens, or the same up to a position where the plain run's two best tokens
+    are a near-tie (a pass over several tokens rounds differently from a pass over one)."""
+    for a, b in zip(drafted, plain):
+        if a.token.id != b.token.id:
+            gap = b.top[0].logprob - b.top[1].logprob
+            assert gap < TOLERANCE, f"drafted {a.token.text!r}, plain {b.token.text!r}, {gap} nats apart"
+            return
+        assert a.token.logprob == pytest.approx(b.token.logprob, abs=TOLERANCE)
+    assert len(drafted) == len(plain)
+
+
+def test_drafts_of_the_models_own_text_are_taken_in_few_passes(fresh, drafting):
+    """Offered its own greedy continuation to look up, the model checks it several tokens a
+    pass, and decodes the same tokens."""
+    prompt = ROUND_TRIP_PROMPT
+    (plain,) = fresh.complete([prompt], max_tokens=40, top_logprobs=2)
+    gen = [s.token.id for s in plain.steps]
+    assert ids_of(fresh, prompt + plain.text) == ids_of(fresh, prompt) + gen  # precondition: drafts line up
+    counter = ForwardCounter(drafting.model)
+    try:
+        (drafted,) = drafting.complete([prompt], max_tokens=40, top_logprobs=2, lookup=[prompt + plain.text])
+    finally:
+        counter.remove()
+    assert_same_greedy_run(drafted.steps, plain.steps)
+    assert (drafted.text, drafted.finish_reason) == (plain.text, plain.finish_reason)
+    assert counter.calls <= 5  # drafts of 8, 10, 12 and 14 tokens, checked with the token before each
+
+
+@settings(max_examples=20, deadline=None)
+@given(prompt=st.lists(st.sampled_from(["one", " two", " three", " four", ",", " one"]), min_size=1, max_size=30),
+       lookup=st.lists(st.text(alphabet="abc onetwhrfu,", max_size=40), max_size=2),
+       max_tokens=st.integers(1, 30), stream_steps=st.integers(1, 30))
+def test_drafted_greedy_decoding_equals_plain(fresh, drafting, prompt, lookup, max_tokens, stream_steps):
+    """Whatever the drafts (repeated words in the prompt, arbitrary lookup texts), the tokens
+    are plain greedy decoding's, by complete and by a stream read partly."""
+    prompt = "".join(prompt)
+    (plain,) = fresh.complete([prompt], max_tokens=max_tokens, top_logprobs=2)
+    (drafted,) = drafting.complete([prompt], max_tokens=max_tokens, top_logprobs=2, lookup=lookup)
+    assert_same_greedy_run(drafted.steps, plain.steps)
+    if [s.token.id for s in drafted.steps] == [s.token.id for s in plain.steps]:
+        assert (drafted.text, drafted.finish_reason) == (plain.text, plain.finish_reason)
+    with closing(drafting.stream(prompt, max_tokens=max_tokens, top_logprobs=2, lookup=lookup)) as stream:
+        read = [step for _, step in zip(range(stream_steps), stream)]
+    assert_same_greedy_run(read, plain.steps[:stream_steps])
+
+
+def test_a_closed_drafted_stream_leaves_a_cache_that_continues_exactly(tiny_base, fresh):
+    """Drafted tokens a closed stream leaves in the cache are real tokens of it: the next
+    prompt reuses what it shares with them."""
+    model = LocalModel(tiny_base.model, tiny_base.tokenizer, name="reuse-drafting", reuse_prefix=True, draft=True)
+    text = "one two three four, one two three four, one two"
+    (plain,) = fresh.complete([text], max_tokens=12, top_logprobs=2)
+    with closing(model.stream(text, max_tokens=12, lookup=[text + plain.text])) as stream:
+        steps = [next(stream) for _ in range(3)]
+    more = text + "".join(s.token.text for s in steps)
+    (reused,) = model.complete([more], max_tokens=6, top_logprobs=2)
+    (expected,) = fresh.complete([more], max_tokens=6, top_logprobs=2)
+    assert_same_greedy_run(reused.steps, expected.steps)
+
+
+def test_sliding_window_models_draft_only_well_within_the_window(windowed):
+    """Rolling back a wrong draft is exact only within the window: a longer run decodes a
+    token a pass, and still gives plain greedy decoding's tokens."""
+    drafting = LocalModel(windowed.model, windowed.tokenizer, name="tiny-windowed-drafting", reuse_prefix=False)
+    prompt = PROMPTS[0]
+    counter = ForwardCounter(windowed.model)
+    try:
+        (long_run,) = drafting.complete([prompt], max_tokens=20, lookup=[prompt + " the the the"])
+    finally:
+        counter.remove()
+    assert counter.calls == 20  # no drafts: the prompt, then one pass a token
+    assert [s.token.id for s in long_run.steps] == greedy_ids(windowed, prompt, 20)
 
 
 # -- count_tokens -------------------------------------------------------------------------

@@ -35,6 +35,8 @@ REPEATED_SUFFIX_MIN_CHARS = 30
 """The final clean-up strips immediate repeats of at least this many characters."""
 REPEATED_NUDGE_ROUNDS = 4
 """The answer stops when the same nudging words would come this many rounds in a row."""
+LOOKUP_PROPOSALS = 2
+"""How many of the guide's latest proposals the models may draft from."""
 
 
 @dataclass
@@ -170,6 +172,9 @@ class _Run:
         self.out = ""
         self.rounds: list[Round] = []
         self.guide_tokens = self.base_tokens = 0
+        self.proposals: list[str] = []
+        """The guide's latest proposals, newest first: both models often go on to write what
+        they say, so a backend that drafts (:meth:`Model.stream`'s ``lookup``) drafts from them."""
         self.uncounted: str | None = None
         """Nudging words in the output whose tokens are not in ``guide_tokens`` yet (see
         :meth:`_surely_fits`)."""
@@ -255,8 +260,9 @@ class _Run:
         stop = [self.guide_prompt.end_of_turn] if self.guide_prompt.end_of_turn else []
         proposal = self.guide.model.complete(
             [self.guide_prompt.text + self.out], max_tokens=self.options.guide_chunk,
-            sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop)[0]
+            sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop, lookup=self.proposals)[0]
         self.generated["guide"] += len(proposal.steps)
+        self.proposals = [proposal.text, *self.proposals[:LOOKUP_PROPOSALS - 1]]
         if proposal.finish_reason in ("end", "stop"):
             current, cut = self._append_words(proposal.text)
             return current, None, "length" if cut else "guide_stop"
@@ -333,7 +339,7 @@ class _Run:
         self.calls["base"] += 1
         return self._read_counted(self.base.model.stream(
             self.base_prompt.text + text, max_tokens=limit, top_logprobs=1,
-            sampling=_nth_call(self.base.sampling, self.calls["base"])))
+            sampling=_nth_call(self.base.sampling, self.calls["base"]), lookup=self.proposals))
 
     def _read_counted(self, steps: BaseStream) -> BaseStream:
         with closing(steps):

@@ -16,6 +16,9 @@ in and text out, so base and guide may use different tokenizers.
   a batch of prompts, each row's work in proportion to what it grew by (search scorers).
 - :meth:`Model.count_tokens` -- length of a text in this model's tokens.
 
+``complete`` and ``stream`` take ``lookup`` texts to draft from: a backend that checks several
+tokens in one pass (local weights) verifies the drafts, so greedy text comes faster and the same.
+
 Methods that mix distributions token by token need two more facts about a model:
 :attr:`Model.vocabulary` (equal values mean shared token ids; :func:`check_shared_vocabulary`
 refuses models that differ) and its end of text (:meth:`Model.is_end`).
@@ -297,8 +300,14 @@ class Model(ABC):
         sampling: Sampling = GREEDY,
         top_logprobs: int = 1,
         stop: Sequence[str] = (),
+        lookup: Sequence[str] = (),
     ) -> list[Completion]:
-        """Continue each prompt by up to ``max_tokens`` tokens."""
+        """Continue each prompt by up to ``max_tokens`` tokens.
+
+        ``lookup``: texts the continuation may well repeat stretches of (a draft, an earlier
+        answer). A backend that checks several tokens in one pass drafts from them, as from
+        the prompt, for greedy decoding; the text is what it is without them. Backends that
+        do not draft ignore them."""
 
     @abstractmethod
     def stream(
@@ -308,12 +317,14 @@ class Model(ABC):
         max_tokens: int,
         sampling: Sampling = GREEDY,
         top_logprobs: int = 1,
+        lookup: Sequence[str] = (),
     ) -> Generator[Step, None, None]:
         """Continue one prompt, yielding each step as soon as it is decoded.
 
         Closing the generator early (``.close()``, or leaving a ``with closing(...)``) stops
-        the decoding, so asking for a long continuation and reading one step costs one step.
-        The generator simply ends at the model's end of text."""
+        the decoding, so asking for a long continuation and reading one step costs one step
+        (a backend that drafts may have checked a few more in the same pass). The generator
+        simply ends at the model's end of text. ``lookup`` is :meth:`complete`'s."""
 
     @abstractmethod
     def score(

@@ -11,6 +11,12 @@ hand-off at arbitrary points. For one prompt and greedy decoding it computes exa
 
 A prompt that extends the previous one (nudging asks the base about ``prompt + out + ...``
 over and over) reuses the cached keys and values of the shared token prefix.
+
+Greedy decoding of one prompt drafts ahead (:mod:`towline.models.lookup`): the pass that feeds
+each chosen token also feeds the tokens a lookup guesses will follow, and every guess that
+equals the model's own greedy choice is a token decoded without a pass of its own. Several
+tokens in one pass cost little more than one on a CPU or GPU (the weights are read once), and
+the output is plain greedy decoding's, up to floating-point rounding between pass shapes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from towline.models import registry
 from towline.models.local_scoring import CachedScoring, common_prefix_length
+from towline.models.lookup import lookup_draft
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -50,6 +57,10 @@ MIN_REUSED_PREFIX = 8
 UNFINISHED_CHARACTER = "\ufffd"
 """What tokenizers decode the leading bytes of a character split across tokens to."""
 
+DRAFT_SIZES = (2, 8, 16)
+"""Fewest, first and most tokens drafted at once: a draft grows by two when wholly taken and
+shrinks by one when not (as transformers' assisted generation adapts its drafts)."""
+
 
 @dataclass
 class _CachedPrefix:
@@ -71,16 +82,18 @@ class _Batch:
     holes would give wrong results, so they raise :class:`ModelError` instead.
     """
 
-    def __init__(self, owner: LocalModel, rows: list[list[int]]) -> None:
+    def __init__(self, owner: LocalModel, rows: list[list[int]], *, keep: int = 1) -> None:
+        """Read ``rows`` in one forward pass, keeping the logits of each row's last ``keep``
+        positions in ``recent`` (more than one: a prompt read together with a draft)."""
         self.owner = owner
         self.fed = [list(r) for r in rows]  # ids whose keys/values are in the cache
-        reused = owner._reusable_prefix(rows[0]) if len(rows) == 1 else None
+        reused = owner._reusable_prefix(rows[0], keep) if len(rows) == 1 else None
         if reused is not None:
             start, self.cache = reused
             self.mask = torch.ones(1, len(rows[0]), dtype=torch.long)
             new_ids = torch.tensor([rows[0][start:]])
             positions = torch.arange(start, len(rows[0])).unsqueeze(0)
-            self.recent = [[self._forward(new_ids, positions)[0, -1]]]
+            self.recent = [list(self._forward(new_ids, positions, keep)[0])]
             return
         width = max(len(r) for r in rows)
         pad = owner.pad_id
@@ -88,7 +101,7 @@ class _Batch:
         self.mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = None
-        self.recent = [[row] for row in self._forward(ids, positions)[:, -1]]
+        self.recent = [list(row) for row in self._forward(ids, positions, keep)]
 
     @property
     def last_logits(self) -> torch.Tensor:
@@ -122,7 +135,7 @@ class _Batch:
         ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
         new_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         mask = torch.cat([self.mask, new_mask], dim=-1)
-        if not self._within_window(mask.shape[-1]) and ((mask.cumsum(-1) > 0) & (mask == 0)).any():
+        if not self.owner._within_window(mask.shape[-1]) and ((mask.cumsum(-1) > 0) & (mask == 0)).any():
             # A sliding window spans columns: a masked hole inside it would hide a real token.
             raise ModelError(f"model {self.owner.name} attends through a sliding window of "
                              f"{self.owner.sliding_window} tokens, which rows fed or rolled back by "
@@ -148,7 +161,7 @@ class _Batch:
         cut off the end of the cache. A row rolled back past its latest feed gets its new
         last token fed again, to know what it predicts there."""
         # One column more: a row rolled back past its latest feed is fed a token again.
-        if any(counts) and not self._within_window(self.mask.shape[-1] + 1):
+        if any(counts) and not self.owner._within_window(self.mask.shape[-1] + 1):
             raise ModelError(f"model {self.owner.name} attends through a sliding window of "
                              f"{self.owner.sliding_window} tokens and its cache keeps only the "
                              f"latest: rows of {self.mask.shape[-1]} tokens cannot be rolled back")
@@ -172,12 +185,6 @@ class _Batch:
         if any(refeed):
             self.feed(refeed)
 
-    def _within_window(self, columns: int) -> bool:
-        """Whether every query over ``columns`` columns still sees all of them (no sliding
-        window, or a longer one): only then are holes and crops exact."""
-        window = self.owner.sliding_window
-        return not window or columns < window - 1
-
     def reorder(self, rows: Sequence[int]) -> None:
         index = torch.tensor(list(rows))
         self.cache.reorder_cache(index.to(self.owner.device))
@@ -198,11 +205,14 @@ class _Batch:
 class LocalModel(Model):
     """A causal LM held in memory. Build it with :meth:`load` or from a loaded model."""
 
-    def __init__(self, model, tokenizer, *, name: str, reuse_prefix: bool = True) -> None:
+    def __init__(self, model, tokenizer, *, name: str, reuse_prefix: bool = True, draft: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.reuse_prefix = reuse_prefix
+        self.draft = draft
+        """Whether greedy decoding of one prompt verifies lookup drafts (see the module's
+        docstring); off, every token costs its own forward pass."""
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
@@ -215,7 +225,7 @@ class LocalModel(Model):
 
     @classmethod
     def load(cls, source: str | Path, *, dtype: str = "float32", device: str = "cpu",
-             reuse_prefix: bool = True) -> LocalModel:
+             reuse_prefix: bool = True, draft: bool = True) -> LocalModel:
         """Load a registry name, a ``.gguf`` file, a local directory or a Hugging Face id.
 
         GGUF files (registry models included) are converted to safetensors once and cached.
@@ -254,7 +264,7 @@ class LocalModel(Model):
                     source, f"the Hugging Face Hub could not provide it ({first_line})") from error
             raise ModelError(f"could not load model {source!r}: {error}\n{registry.MODEL_FORMS}") from error
         model = model.to(device)
-        return cls(model, tokenizer, name=source, reuse_prefix=reuse_prefix)
+        return cls(model, tokenizer, name=source, reuse_prefix=reuse_prefix, draft=draft)
 
     @functools.cached_property
     def vocabulary(self) -> str:
@@ -278,11 +288,13 @@ class LocalModel(Model):
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _reusable_prefix(self, ids: list[int]) -> tuple[int, object] | None:
+    def _reusable_prefix(self, ids: list[int], keep: int = 1) -> tuple[int, object] | None:
+        """Where the cached prefix of the latest single row can start ``ids`` (at least the
+        last ``keep`` of them fed again: their logits are wanted), and a copy of its cache."""
         if not self.reuse_prefix or self._prefix is None:
             return None
         shared = common_prefix_length(self._prefix.ids, ids)
-        shared = min(shared, len(ids) - 1)  # the last prompt token must be fed to get logits
+        shared = min(shared, len(ids) - keep)  # tokens whose logits are wanted must be fed
         if shared < MIN_REUSED_PREFIX:
             return None
         window = self.sliding_window
@@ -317,11 +329,16 @@ class LocalModel(Model):
         return chosen.tolist(), steps
 
     def _decode_rows(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling,
-                     top_logprobs: int, stop: Sequence[str], finish: list[str | None]) -> Iterator[list[Step | None]]:
+                     top_logprobs: int, stop: Sequence[str], finish: list[str | None],
+                     lookup: Sequence[str] = ()) -> Iterator[list[Step | None]]:
         """The decoding loop: yields, after each position, the new step of every row (None
         for rows already finished), and fills ``finish`` with each row's finish reason."""
-        generator = sampling_generator(sampling)
         prompt_ids = [self.encode(p) for p in prompts]
+        if len(prompts) == 1 and sampling.greedy and max_tokens > 0 and self._may_draft(len(prompt_ids[0]) + max_tokens):
+            yield from self._decode_drafted(prompt_ids[0], max_tokens=max_tokens, top_logprobs=top_logprobs,
+                                            stop=stop, finish=finish, lookup=lookup)
+            return
+        generator = sampling_generator(sampling)
         batch = _Batch(self, prompt_ids)
         generated: list[list[int]] = [[] for _ in prompts]
         finish[:] = [None] * len(prompts)
@@ -355,15 +372,68 @@ class LocalModel(Model):
             # was computed is still the best prefix for the next, extended prompt.
             batch.remember()
 
+    def _may_draft(self, tokens: int) -> bool:
+        """Whether drafts may be checked for a row that grows to ``tokens``: rolling back a
+        wrong draft needs a cache that keeps every token (no sliding window within reach)."""
+        return self.draft and self._within_window(tokens + DRAFT_SIZES[-1] + 2)
+
+    def _within_window(self, columns: int) -> bool:
+        """Whether every query over ``columns`` cache columns still sees all of them (no
+        sliding window, or a longer one): only then are holes and rollbacks exact."""
+        return not self.sliding_window or columns < self.sliding_window - 1
+
+    def _decode_drafted(self, prompt_ids: list[int], *, max_tokens: int, top_logprobs: int,
+                        stop: Sequence[str], finish: list[str | None],
+                        lookup: Sequence[str]) -> Iterator[list[Step | None]]:
+        """Greedy decoding of one row that checks drafts: the pass that reads the prompt, and
+        each that feeds a chosen token, also feeds a draft of the tokens after it (:func:`lookup_draft` over ``lookup``
+        and the text so far). Each drafted token that is the greedy choice at its position
+        is taken with the logits that pass already computed; the first that is not, and
+        all after it, are rolled back. Yields what :meth:`_decode_rows` yields for one row."""
+        sources = [self.tokenizer(text, add_special_tokens=False).input_ids for text in lookup if text]
+        size = DRAFT_SIZES[1]
+        # The prompt's own pass checks the first draft.
+        drafted = lookup_draft(prompt_ids, sources, size=min(size, max_tokens - 1))
+        batch = _Batch(self, [prompt_ids + drafted], keep=len(drafted) + 1)
+        ahead = list(batch.recent[0])  # logits of the next positions: after the last chosen token, then ``drafted``
+        generated: list[int] = []
+        finish[:] = ["length"]
+        try:
+            while True:
+                context = prompt_ids + generated
+                [token_id], [step] = self._choose(ahead.pop(0)[None], GREEDY, None, top_logprobs, [context])
+                if token_id in self.end_ids:
+                    finish[0] = "end"
+                    return
+                generated.append(token_id)
+                yield [step]
+                if stop and any(s in self._decode(generated) for s in stop):
+                    finish[0] = "stop"
+                    return
+                if len(generated) == max_tokens:
+                    return
+                if drafted:
+                    if drafted.pop(0) == token_id:  # already fed: ``ahead`` has what follows it
+                        if not drafted:
+                            size = min(size + 2, DRAFT_SIZES[2])
+                        continue
+                    batch.truncate([len(drafted) + 1])
+                    drafted = []
+                    size = max(size - 1, DRAFT_SIZES[0])
+                drafted = lookup_draft(prompt_ids + generated, sources, size=min(size, max_tokens - len(generated) - 1))
+                ahead = list(batch.feed([[token_id] + drafted])[0])
+        finally:
+            batch.remember()  # drafted tokens left in the cache are real tokens of it
+
     def complete(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling = GREEDY,
-                 top_logprobs: int = 1, stop: Sequence[str] = ()) -> list[Completion]:
+                 top_logprobs: int = 1, stop: Sequence[str] = (), lookup: Sequence[str] = ()) -> list[Completion]:
         if not prompts:
             return []
         steps: list[list[Step]] = [[] for _ in prompts]
         finish: list[str | None] = ["length"] * len(prompts)
         if max_tokens > 0:
             for new in self._decode_rows(prompts, max_tokens=max_tokens, sampling=sampling,
-                                         top_logprobs=top_logprobs, stop=stop, finish=finish):
+                                         top_logprobs=top_logprobs, stop=stop, finish=finish, lookup=lookup):
                 for row, step in enumerate(new):
                     if step is not None:
                         steps[row].append(step)
@@ -377,9 +447,9 @@ class LocalModel(Model):
         return completions
 
     def stream(self, prompt: str, *, max_tokens: int, sampling: Sampling = GREEDY,
-               top_logprobs: int = 1) -> Generator[Step, None, None]:
+               top_logprobs: int = 1, lookup: Sequence[str] = ()) -> Generator[Step, None, None]:
         rows = self._decode_rows([prompt], max_tokens=max_tokens, sampling=sampling,
-                                 top_logprobs=top_logprobs, stop=(), finish=[None])
+                                 top_logprobs=top_logprobs, stop=(), finish=[None], lookup=lookup)
         with closing(rows):  # closing this stream closes the decoding loop at once
             for new in rows:
                 if new[0] is not None:

@@ -212,7 +212,9 @@ class OpenAIModel(Model):
         return params
 
     def complete(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling = GREEDY,
-                 top_logprobs: int = 1, stop: Sequence[str] = ()) -> list[Completion]:
+                 top_logprobs: int = 1, stop: Sequence[str] = (), lookup: Sequence[str] = ()) -> list[Completion]:
+        # ``lookup`` is not sent: servers draft, if at all, by their own settings (vLLM's
+        # n-gram speculative decoding looks up the prompt).
         if max_tokens < 1:
             # llama.cpp reads max_tokens=0 as "no limit"; nothing asked for needs no request.
             return [Completion("", [], "length") for _ in prompts]
@@ -232,8 +234,8 @@ class OpenAIModel(Model):
         return self._map(complete_one, list(enumerate(prompts)))
 
     def stream(self, prompt: str, *, max_tokens: int, sampling: Sampling = GREEDY,
-               top_logprobs: int = 1) -> Generator[Step, None, None]:
-        if max_tokens < 1:
+               top_logprobs: int = 1, lookup: Sequence[str] = ()) -> Generator[Step, None, None]:
+        if max_tokens < 1:  # ``lookup``: as for complete
             return
         (url,) = self._next_urls(1)
         params = self._params(max_tokens, sampling, top_logprobs)
