@@ -305,9 +305,9 @@ class Model(ABC):
         """Continue each prompt by up to ``max_tokens`` tokens.
 
         ``lookup``: texts the continuation may well repeat stretches of (a draft, an earlier
-        answer). A backend that checks several tokens in one pass drafts from them, as from
-        the prompt, for greedy decoding; the text is what it is without them. Backends that
-        do not draft ignore them."""
+        answer). A backend that checks several tokens in one pass (local weights) drafts from
+        them, as from the prompt, when it decodes one prompt greedily; the text is what it is
+        without them. Backends that do not draft ignore them."""
 
     @abstractmethod
     def stream(

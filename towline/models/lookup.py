@@ -19,18 +19,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-LOOKUP_NGRAMS = (3, 2)
-"""How many of the last tokens a draft is looked up by, longest first: one token alone
-matches too often to be worth a forward pass over its draft."""
+SHORTEST_MATCH = 2
+"""Fewest last tokens a draft is looked up by: one token alone matches too often to be worth
+a forward pass over its draft."""
+LONGEST_MATCH = 16
+"""Matches are compared back this far at most: longer ones are as good as certain."""
 
 
 def lookup_draft(context: Sequence[int], sources: Sequence[Sequence[int]], *, size: int) -> list[int]:
-    """Up to ``size`` tokens that followed the latest earlier occurrence of the last tokens of
-    ``context``: in ``sources`` first (in their order), then in ``context`` itself. Where what
-    followed runs out before ``size``, the draft goes on by looking up its own end.
+    """Up to ``size`` tokens that followed the earlier occurrence (in ``sources`` or in
+    ``context`` itself) that shares the longest run of tokens with the end of ``context``,
+    at least two. Ties go to ``sources`` (in their order) before ``context``, and to later
+    occurrences. Where what followed runs out before ``size``, the draft goes on by looking
+    up its own end.
 
     >>> lookup_draft([7, 1, 2], [[1, 2, 3], [2, 3, 4, 5]], size=4)  # 1 2 -> 3, then 2 3 -> 4 5
     [3, 4, 5]
+    >>> lookup_draft([5, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2], [], size=1)  # "5 1 2" -> 3 beats the later "1 2" -> 4
+    [3]
     """
     draft: list[int] = []
     while len(draft) < size:
@@ -42,13 +48,18 @@ def lookup_draft(context: Sequence[int], sources: Sequence[Sequence[int]], *, si
 
 
 def _follows(context: list[int], sources: Sequence[Sequence[int]], size: int) -> list[int]:
-    for n in LOOKUP_NGRAMS:
-        if len(context) < n:
-            continue
-        tail = list(context[-n:])
-        for source in [*sources, context]:
-            # The latest occurrence that is followed by something (in the context, not the tail itself).
-            for start in range(len(source) - n - 1, -1, -1):
-                if source[start] == tail[0] and list(source[start:start + n]) == tail:
-                    return list(source[start + n:start + n + size])
-    return []
+    best, longest = [], SHORTEST_MATCH - 1
+    if len(context) < SHORTEST_MATCH:
+        return best
+    for source in [*sources, context]:
+        # ``end``: where what followed an occurrence starts (in the context, never its own end).
+        for end in range(len(source) - 1, SHORTEST_MATCH - 1, -1):
+            if source[end - 1] != context[-1]:
+                continue
+            length = 1
+            while (length < min(end, len(context), LONGEST_MATCH)
+                   and source[end - 1 - length] == context[-1 - length]):
+                length += 1
+            if length > longest:
+                best, longest = list(source[end:end + size]), length
+    return best
