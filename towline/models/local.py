@@ -58,8 +58,9 @@ UNFINISHED_CHARACTER = "\ufffd"
 """What tokenizers decode the leading bytes of a character split across tokens to."""
 
 DRAFT_SIZES = (2, 8, 16)
-"""Fewest, first and most tokens drafted at once: a draft grows by two when wholly taken and
-shrinks by one when not (as transformers' assisted generation adapts its drafts)."""
+"""Fewest, first and most tokens drafted at once: drafts grow by two when one is wholly taken
+and shrink by one when not (as transformers' assisted generation adapts its drafts), from
+call to call."""
 
 
 @dataclass
@@ -213,6 +214,9 @@ class LocalModel(Model):
         self.draft = draft
         """Whether greedy decoding of one prompt verifies lookup drafts (see the module's
         docstring); off, every token costs its own forward pass."""
+        self._draft_size = DRAFT_SIZES[1]
+        """Tokens to draft next: how well drafts have done lately, carried across calls
+        (nudging makes many short ones)."""
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
@@ -391,9 +395,8 @@ class LocalModel(Model):
         is taken with the logits that pass already computed; the first that is not, and
         all after it, are rolled back. Yields what :meth:`_decode_rows` yields for one row."""
         sources = [self.tokenizer(text, add_special_tokens=False).input_ids for text in lookup if text]
-        size = DRAFT_SIZES[1]
         # The prompt's own pass checks the first draft.
-        drafted = lookup_draft(prompt_ids, sources, size=min(size, max_tokens - 1))
+        drafted = lookup_draft(prompt_ids, sources, size=min(self._draft_size, max_tokens - 1))
         batch = _Batch(self, [prompt_ids + drafted], keep=len(drafted) + 1)
         ahead = list(batch.recent[0])  # logits of the next positions: after the last chosen token, then ``drafted``
         generated: list[int] = []
@@ -415,12 +418,13 @@ class LocalModel(Model):
                 if drafted:
                     if drafted.pop(0) == token_id:  # already fed: ``ahead`` has what follows it
                         if not drafted:
-                            size = min(size + 2, DRAFT_SIZES[2])
+                            self._draft_size = min(self._draft_size + 2, DRAFT_SIZES[2])
                         continue
                     batch.truncate([len(drafted) + 1])
                     drafted = []
-                    size = max(size - 1, DRAFT_SIZES[0])
-                drafted = lookup_draft(prompt_ids + generated, sources, size=min(size, max_tokens - len(generated) - 1))
+                    self._draft_size = max(self._draft_size - 1, DRAFT_SIZES[0])
+                drafted = lookup_draft(prompt_ids + generated, sources,
+                                       size=min(self._draft_size, max_tokens - len(generated) - 1))
                 ahead = list(batch.feed([[token_id] + drafted])[0])
         finally:
             batch.remember()  # drafted tokens left in the cache are real tokens of it
