@@ -35,7 +35,7 @@ REPEATED_SUFFIX_MIN_CHARS = 30
 """The final clean-up strips immediate repeats of at least this many characters."""
 REPEATED_NUDGE_ROUNDS = 4
 """The answer stops when the same nudging words would come this many rounds in a row."""
-LOOKUP_PROPOSALS = 2
+LOOKUP_PROPOSALS = 8
 """How many of the guide's latest proposals the models may draft from."""
 
 
