@@ -71,7 +71,8 @@ def assert_fast_path_is_plain_up_to_a_near_tie(base: LocalModel, guide: LocalMod
     difference = assert_same_up_to_a_near_tie((fast_base.calls, slow_base.calls), (fast_guide.calls, slow_guide.calls),
                                               threshold=GAMMA)
     if difference is None:
-        assert [(r.nudging_words, r.base_text) for r in fast.rounds] == [(r.nudging_words, r.base_text) for r in slow.rounds]
+        assert [(r.nudging_words, r.base_text) for r in fast.rounds] == [
+            (r.nudging_words, r.base_text) for r in slow.rounds]
         assert (fast.text, fast.stop_reason, fast.tokens) == (slow.text, slow.stop_reason, slow.tokens)
     else:
         print(f"parted at a near-tie: {difference}")

@@ -338,7 +338,8 @@ class LocalModel(Model):
         """The decoding loop: yields, after each position, the new step of every row (None
         for rows already finished), and fills ``finish`` with each row's finish reason."""
         prompt_ids = [self.encode(p) for p in prompts]
-        if len(prompts) == 1 and sampling.greedy and max_tokens > 0 and self._may_draft(len(prompt_ids[0]) + max_tokens):
+        drafts = len(prompts) == 1 and sampling.greedy and max_tokens > 0
+        if drafts and self._may_draft(len(prompt_ids[0]) + max_tokens):
             yield from self._decode_drafted(prompt_ids[0], max_tokens=max_tokens, top_logprobs=top_logprobs,
                                             stop=stop, finish=finish, lookup=lookup)
             return
@@ -390,15 +391,16 @@ class LocalModel(Model):
                         stop: Sequence[str], finish: list[str | None],
                         lookup: Sequence[str]) -> Iterator[list[Step | None]]:
         """Greedy decoding of one row that checks drafts: the pass that reads the prompt, and
-        each that feeds a chosen token, also feeds a draft of the tokens after it (:func:`lookup_draft` over ``lookup``
-        and the text so far). Each drafted token that is the greedy choice at its position
-        is taken with the logits that pass already computed; the first that is not, and
-        all after it, are rolled back. Yields what :meth:`_decode_rows` yields for one row."""
+        each that feeds a chosen token, also feeds a draft of the tokens after it
+        (:func:`lookup_draft` over ``lookup`` and the text so far). Each drafted token that is
+        the greedy choice at its position is taken with the logits that pass already
+        computed; the first that is not, and all after it, are rolled back. Yields what
+        :meth:`_decode_rows` yields for one row."""
         sources = [self.tokenizer(text, add_special_tokens=False).input_ids for text in lookup if text]
         # The prompt's own pass checks the first draft.
         drafted = lookup_draft(prompt_ids, sources, size=min(self._draft_size, max_tokens - 1))
         batch = _Batch(self, [prompt_ids + drafted], keep=len(drafted) + 1)
-        ahead = list(batch.recent[0])  # logits of the next positions: after the last chosen token, then ``drafted``
+        ahead = list(batch.recent[0])  # logits after the last chosen token, then after each of ``drafted``
         generated: list[int] = []
         finish[:] = ["length"]
         try:
