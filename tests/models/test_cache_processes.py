@@ -21,12 +21,20 @@ LOAD = "import sys; from towline.models.local import LocalModel; LocalModel.load
 WAIT_S = 120  # generous bound for a slow, shared machine; the waits end as soon as they can
 
 
+SENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def start(*args: str) -> subprocess.Popen:
-    """A Python process that Ctrl-C interrupts, also where the tests themselves run with
-    SIGINT ignored (a shell's background job), which children would inherit."""
+    """A Python process that the signals these tests send stop, also where the tests
+    themselves run with one ignored (SIGINT in a shell's background job, SIGHUP under
+    nohup), which children would inherit."""
+
+    def default_signals() -> None:
+        for signum in SENT_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_signals)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -90,7 +98,7 @@ def test_two_forced_pulls_at_once_both_succeed(pulled_home, home_from, leftovers
     assert leftovers(home) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("signum", SENT_SIGNALS)
 def test_a_signal_stops_a_pull_with_its_pip_and_leaves_nothing(signum, tmp_path, monkeypatch, leftovers):
     monkeypatch.setenv("TOWLINE_HOME", str(tmp_path))
     process = start("-m", "towline.cli", "models", "pull", NAME)
