@@ -149,7 +149,8 @@ def test_servers_follow_the_rules_on_gsm8k(smol_url):
 def test_local_weights_follow_the_rules_on_gsm8k(gemma_base, smollm2_guide):
     """gemma-3-270m nudged by SmolLM2-135M-Instruct on local weights (the bundled pair)."""
     base = LocalModel(gemma_base.model, gemma_base.tokenizer, name=gemma_base.name, reuse_prefix=False, draft=False)
-    guide = LocalModel(smollm2_guide.model, smollm2_guide.tokenizer, name=smollm2_guide.name, reuse_prefix=False, draft=False)
+    guide = LocalModel(smollm2_guide.model, smollm2_guide.tokenizer, name=smollm2_guide.name,
+                       reuse_prefix=False, draft=False)
     for question in QUESTIONS[:2]:
         result, spec, read = both(base, guide, gsm8k(question), max_tokens=48)
         assert_same(result, spec, read)
