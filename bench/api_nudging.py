@@ -10,7 +10,8 @@ give the same rounds and texts. Counted per answer, for each implementation:
 
 - ``requests``: every HTTP request, by path (completions, and the ``/extras/tokenize``
   requests that count nudging words in base tokens); the transcription counts each distinct
-  text once, as any implementation would;
+  text once, as any implementation would, on the server; towline with the model's own
+  tokenizer, as ``load_model`` sets it up (checked against the server once);
 - ``generated``: tokens the servers generated (each a forward pass), as the servers log them
   (``$TOWLINE_GENERATED_LOG``): a stream that towline stops reading still costs what the
   server generated before it saw the client leave;
@@ -120,7 +121,11 @@ def main() -> None:
         servers = {role: Server(gguf, folder, role) for role in ("base", "guide")}
         for server in servers.values():
             stack.callback(server.close)
-        pairs = {name: {role: OpenAIModel(MODEL, base_urls=[servers[role].url], max_retries=0)
+        # towline counts tokens with the model's own tokenizer, as load_model("openai:...")
+        # sets it up for a registry model; the transcription asks the server.
+        tokenizers = {"towline": str(registry.local_weights(MODEL)), "transcription": None}
+        pairs = {name: {role: OpenAIModel(MODEL, base_urls=[servers[role].url], max_retries=0,
+                                          tokenizer=tokenizers[name])
                         for role in ("base", "guide")} for name in totals}
         for pair in pairs.values():
             for model in pair.values():

@@ -279,3 +279,28 @@ def test_requests_and_received_tokens_are_counted(smol_url):
         # The tokenizer's route is found with one request, then asked once.
         assert dict(model.requests) == {"/v1/completions": 2, "/tokenize": 1, "/extras/tokenize": 2}
         assert model.tokens_received == len(completion.steps) + 2 == 7
+
+
+def test_a_matching_tokenizer_counts_without_requests(smol_url, smol_gguf, gemma_gguf):
+    from towline.models import load_model, registry
+
+    text, longer = "Question: What is 12 + 30?\nAnswer: 42 <|im_end|>", "Ünïcödé, 日本語 and more\n"
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60) as server_only:
+        expected = {text: server_only.count_tokens(text), longer: server_only.count_tokens(longer)}
+    smol_tokenizer = registry.local_weights("smollm2-135m-instruct")
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60, tokenizer=str(smol_tokenizer)) as model:
+        assert model.count_tokens(text) == expected[text]
+        checked = dict(model.requests)  # the probes, counted by the server once
+        assert model.count_tokens(longer) == expected[longer]
+        assert model.count_tokens("") == 0
+        assert dict(model.requests) == checked
+    with load_model(f"openai:smollm2-135m-instruct@{smol_url}") as known:
+        assert known.tokenizer == str(smol_tokenizer)
+    # Gemma's tokenizer splits the probes otherwise: the server keeps counting, and says so.
+    gemma_tokenizer = registry.local_weights("gemma-3-270m")
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60, tokenizer=str(gemma_tokenizer)) as model:
+        with pytest.warns(UserWarning, match=rf"gemma.* counts .* where the server at {smol_url} counts"):
+            assert model.count_tokens(text) == expected[text]
+        asked = sum(model.requests.values())
+        assert model.count_tokens(longer) == expected[longer]
+        assert sum(model.requests.values()) == asked + 1

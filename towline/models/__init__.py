@@ -32,21 +32,24 @@ def load_model(spec: str) -> Model:
       directory or a Hugging Face id: local weights through transformers;
     - ``openai:MODEL@URL[,URL...]``: an OpenAI-compatible server (several URLs are used
       round-robin). A registry name as MODEL also supplies that model's chat template and
-      vocabulary.
+      vocabulary, and its tokenizer where its converted copy is cached (to count tokens
+      without a request: see :class:`~towline.models.openai.OpenAIModel`).
 
     A spec that can be none of these (a misspelt name, say) fails at once with a
     :class:`ModelError` naming the closest registry names, also while the Hub is out of reach.
     """
     if spec.startswith(OPENAI_PREFIX):
         from towline.models.openai import OpenAIModel
-        from towline.models.registry import REGISTRY
+        from towline.models.registry import REGISTRY, converted_dir
         from towline.prompts import FAMILIES
 
         name, base_urls = parse_openai_spec(spec)
         known = REGISTRY.get(name)
         template = FAMILIES[known.template] if known and known.template else None
+        converted = converted_dir(name) if known else None
+        tokenizer = str(converted) if converted and (converted / "tokenizer.json").is_file() else None
         return OpenAIModel(name, base_urls=base_urls, chat_template=template,
-                           vocabulary=known.vocabulary if known else None)
+                           vocabulary=known.vocabulary if known else None, tokenizer=tokenizer)
     from towline.models.local import LocalModel
 
     return LocalModel.load(spec)

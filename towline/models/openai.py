@@ -73,9 +73,11 @@ import itertools
 import os
 import re
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -85,6 +87,10 @@ from towline.models.base import (GREEDY, Completion, DecodeState, Distribution, 
 
 NEUTRAL_SAMPLING = {"repeat_penalty": 1.0, "min_p": 0.0}
 """Sent with every request: switches off llama.cpp's default penalties; other servers agree."""
+
+TOKENIZER_PROBES = ("Question: What is 12 + 30?\nAnswer: 42", " leading,  double  spaces\tand tabs\n\nnew",
+                    "ünïcödé 日本語 😀 café", "x=3*4; print(f'{x:>5}') # 12,345.67 $")
+"""Texts a ``tokenizer`` must count as the server does before it counts for that server."""
 
 ECHO_PROBE = "The capital of France is"
 ECHO_TOLERANCE = 0.5
@@ -101,6 +107,11 @@ class OpenAIModel(Model):
     :attr:`Model.vocabulary`; ``load_model`` sets it for registry names); ``end_texts`` are
     the texts its end-of-text tokens show as: ``""`` on llama.cpp, the tags (such as
     ``"<|im_end|>"``) on vLLM.
+
+    ``tokenizer`` (a folder or Hugging Face id of the served model's tokenizer) counts
+    tokens here instead of asking the servers (:meth:`count_tokens`): nudging counts each
+    round's words, a request a round without it. ``load_model`` passes the converted copy
+    of a registry model where one is cached.
     """
 
     concurrent = True
@@ -108,13 +119,15 @@ class OpenAIModel(Model):
     def __init__(self, model: str, *, base_urls: Sequence[str], api_key: str | None = None,
                  timeout: float = 120, max_retries: int = 5, max_concurrency: int = 4,
                  extra_body: dict | None = None, chat_template: str | None = None,
-                 vocabulary: str | None = None, end_texts: Sequence[str] = ("",)) -> None:
+                 vocabulary: str | None = None, end_texts: Sequence[str] = ("",),
+                 tokenizer: str | None = None) -> None:
         if not base_urls:
             raise ValueError("base_urls must name at least one server")
         self.name = model
         self.chat_template = chat_template
         self.vocabulary = vocabulary
         self.end_texts = frozenset(end_texts)
+        self.tokenizer = tokenizer
         self.extra_body = {**NEUTRAL_SAMPLING, **(extra_body or {})}
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.requests: Counter[str] = Counter()
@@ -294,13 +307,17 @@ class OpenAIModel(Model):
         or llama-cpp-python's ``/extras/tokenize``. A server with neither is asked to
         complete ``text`` and ``"a"`` by one token, and the count is read from their
         ``usage.prompt_tokens`` (``"a"`` is one token in every common vocabulary, so its
-        count less one is what the server adds, such as a BOS token)."""
+        count less one is what the server adds, such as a BOS token).
+
+        With a ``tokenizer``, the count is made here, with no request, at each server whose
+        own counts of :data:`TOKENIZER_PROBES` it matches (checked once per server; where
+        they differ, a warning says so and that server keeps counting)."""
         if not text:
             return 0
         (url,) = self._next_urls(1)
         with self._errors(url):
             if url not in self._token_counters:
-                self._token_counters[url] = self._find_token_counter(url)
+                self._token_counters[url] = self._token_counter(url)
             return self._token_counters[url](text)
 
     @functools.cached_property
@@ -327,6 +344,29 @@ class OpenAIModel(Model):
         self._pool.shutdown(wait=False, cancel_futures=True)
         for client in self._clients.values():
             client.close()
+
+    def _token_counter(self, url: str) -> Callable[[str], int]:
+        server = self._find_token_counter(url)
+        if self.tokenizer is None:
+            return server
+        local = self._local_token_counter
+        differ = [text for text in TOKENIZER_PROBES if local(text) != server(text)]
+        if not differ:
+            return local
+        warnings.warn(f"the tokenizer {self.tokenizer} counts {differ[0]!r} as {local(differ[0])} tokens where the "
+                      f"server at {url} counts {server(differ[0])}: {url} counts tokens itself (a request each). "
+                      f"Pass the served model's own tokenizer, or none.", stacklevel=4)
+        return server
+
+    @functools.cached_property
+    def _local_token_counter(self) -> Callable[[str], int]:
+        from transformers import AutoTokenizer
+
+        from towline.models.registry import hub_options
+
+        options = {} if Path(self.tokenizer).is_dir() else hub_options(self.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, **options)
+        return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
     def _find_token_counter(self, url: str) -> Callable[[str], int]:
         root = url.rstrip("/").removesuffix("/v1")
