@@ -55,7 +55,8 @@ class NudgingResult(Result):
     """Tokens each model generated that this answer read (a stream stopped early counts
     what was read); over an API, what the servers were asked to generate, near enough."""
     token_counts: int
-    """Texts counted in base tokens by the base model (over an API, one request each)."""
+    """Texts counted in base tokens by the base model (over an API, a request each unless
+    the model counts with its own tokenizer: see :class:`~towline.models.openai.OpenAIModel`)."""
 
     @property
     def nudging_words(self) -> list[str]:
