@@ -350,13 +350,14 @@ class OpenAIModel(Model):
         if self.tokenizer is None:
             return server
         local = self._local_token_counter
-        differ = [text for text in TOKENIZER_PROBES if local(text) != server(text)]
-        if not differ:
-            return local
-        warnings.warn(f"the tokenizer {self.tokenizer} counts {differ[0]!r} as {local(differ[0])} tokens where the "
-                      f"server at {url} counts {server(differ[0])}: {url} counts tokens itself (a request each). "
-                      f"Pass the served model's own tokenizer, or none.", stacklevel=4)
-        return server
+        for probe in TOKENIZER_PROBES:
+            here, there = local(probe), server(probe)
+            if here != there:
+                warnings.warn(f"the tokenizer {self.tokenizer} counts {probe!r} as {here} tokens where the server "
+                              f"at {url} counts {there}: {url} counts tokens itself (a request each). Pass the "
+                              "served model's own tokenizer, or none.", stacklevel=3)
+                return server
+        return local
 
     @functools.cached_property
     def _local_token_counter(self) -> Callable[[str], int]:
