@@ -304,3 +304,9 @@ def test_a_matching_tokenizer_counts_without_requests(smol_url, smol_gguf, gemma
         asked = sum(model.requests.values())
         assert model.count_tokens(longer) == expected[longer]
         assert sum(model.requests.values()) == asked + 1
+
+
+def test_a_tokenizer_that_does_not_load_says_so(smol_url, tmp_path):
+    with OpenAIModel("smollm2", base_urls=[smol_url], timeout=60, tokenizer=str(tmp_path)) as model:
+        with pytest.raises(ModelError, match=rf"(?s)could not load the tokenizer '{tmp_path}' of smollm2: .*folder"):
+            model.count_tokens("Hello world")

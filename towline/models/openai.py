@@ -365,8 +365,14 @@ class OpenAIModel(Model):
 
         from towline.models.registry import hub_options
 
-        options = {} if Path(self.tokenizer).is_dir() else hub_options(self.tokenizer)
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, **options)
+        folder = Path(self.tokenizer).expanduser()
+        # As the model loaders read a source: a path that exists, else a Hugging Face id.
+        source, options = (folder, {}) if folder.exists() else (self.tokenizer, hub_options(self.tokenizer))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"could not load the tokenizer {self.tokenizer!r} of {self.name}: {error}\nGive "
+                             "the served model's tokenizer: a folder with its files or a Hugging Face id.") from error
         return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
     def _find_token_counter(self, url: str) -> Callable[[str], int]:
