@@ -15,8 +15,9 @@ over and over) reuses the cached keys and values of the shared token prefix.
 Greedy decoding of one prompt drafts ahead (:mod:`towline.models.lookup`): the pass that feeds
 each chosen token also feeds the tokens a lookup guesses will follow, and every guess that
 equals the model's own greedy choice is a token decoded without a pass of its own. Several
-tokens in one pass cost little more than one on a CPU or GPU (the weights are read once), and
-the output is plain greedy decoding's, up to floating-point rounding between pass shapes.
+tokens in one pass cost little more than one on a GPU, and on a CPU once the linear layers are
+packed (:mod:`towline.models.packed`, which :meth:`LocalModel.load` does), and the output is
+plain greedy decoding's, up to floating-point rounding between pass shapes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from towline.models import registry
 from towline.models.local_scoring import CachedScoring, common_prefix_length
 from towline.models.lookup import lookup_draft
+from towline.models.packed import pack_linear_layers
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -229,12 +231,16 @@ class LocalModel(Model):
 
     @classmethod
     def load(cls, source: str | Path, *, dtype: str = "float32", device: str = "cpu",
-             reuse_prefix: bool = True, draft: bool = True) -> LocalModel:
+             reuse_prefix: bool = True, draft: bool = True, pack: bool = True) -> LocalModel:
         """Load a registry name, a ``.gguf`` file, a local directory or a Hugging Face id.
 
         GGUF files (registry models included) are converted to safetensors once and cached.
         A name that is none of these fails at once with the closest registry names, also when
         the Hub is unreachable (no waiting for the Hub client's retries).
+
+        With ``pack`` (the default), float32 linear layers on the CPU are packed for oneDNN
+        (:mod:`towline.models.packed`): a pass over a few tokens then costs about what a pass
+        over one does, which is what makes drafts pay on a CPU.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,6 +274,8 @@ class LocalModel(Model):
                     source, f"the Hugging Face Hub could not provide it ({first_line})") from error
             raise ModelError(f"could not load model {source!r}: {error}\n{registry.MODEL_FORMS}") from error
         model = model.to(device)
+        if pack:
+            pack_linear_layers(model)
         return cls(model, tokenizer, name=source, reuse_prefix=reuse_prefix, draft=draft)
 
     @functools.cached_property
