@@ -72,9 +72,9 @@ def available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        layer = torch.nn.Linear(16, 8)
-        x = torch.randn(2, 3, 16)
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random numbers stay theirs
+            layer = torch.nn.Linear(16, 8)
+            x = torch.randn(2, 3, 16)
             return bool(torch.allclose(PackedLinear.of(layer)(x), layer(x), atol=1e-5))
     except (RuntimeError, AttributeError):  # an op this build lacks, or one that refuses
         return False
