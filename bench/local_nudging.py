@@ -17,8 +17,9 @@ base model and the same plain base prompt, in one process, one thread, question 
 - ``base_only_drafted``: the base alone on towline's fast path, for comparison.
 
 ``ratio`` = nudging's output tokens/s ÷ the faster of the two plain base-alone sides'. Forward
-passes of each model per output token are counted too. The last line printed is one JSON object. With ``--profile``,
-nudging alone runs under cProfile and the top entries are printed instead of a ratio.
+passes of each model per output token are counted too. The last line printed is one JSON
+object. With ``--profile``, nudging alone runs under cProfile and the top entries are printed
+instead of a ratio.
 """
 
 from __future__ import annotations
@@ -77,15 +78,16 @@ def request_for(question: str) -> PromptRequest:
 def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool) -> dict:
     base, guide = LocalModel.load(pair.base), LocalModel.load(pair.guide)
     sides = {"nudging": compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens)}
-    counters = {"base": Forwards(base.model), "guide": Forwards(guide.model)}
+    base_copies = [base.model]
     if not profile:
         # The same weights decoding one forward pass a token, as plain greedy decoding does.
         plain_base = LocalModel(base.model, base.tokenizer, name=pair.base, draft=False)
         stock_base = LocalModel.load(pair.base, pack=False, draft=False)
-        counters["base"] = Forwards(base.model, stock_base.model)
+        base_copies.append(stock_base.model)
         sides["base_only"] = compose(method="base-only", base=plain_base, max_tokens=max_tokens)
         sides["base_only_stock"] = compose(method="base-only", base=stock_base, max_tokens=max_tokens)
         sides["base_only_drafted"] = compose(method="base-only", base=base, max_tokens=max_tokens)
+    counters = {"base": Forwards(*base_copies), "guide": Forwards(guide.model)}
     for aligned in sides.values():  # warm-up: first passes allocate; not counted
         aligned.generate(request_for("What is 2 + 3?"))
     for counter in counters.values():
