@@ -51,7 +51,7 @@ def test_batches_give_every_item_once_and_nudging_the_same_answers(tiny_base, ti
     batched = {record_key(r): r for r in lines(tmp_path / "batched")}
     assert len(batched) == 3 * 2 * 3 and summary.complete
     for key, record in one.items():
-        if key[0] == "nudging":  # not a batching method: answered one at a time, as before
+        if key[0] == "nudging":  # answered together, each as alone
             assert batched[key]["result"]["text"] == record["result"]["text"]
 
 

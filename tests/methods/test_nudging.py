@@ -22,7 +22,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from towline.methods.nudging import NudgingResult, nudge, split_words, strip_repeated_suffix
+from towline.methods.base import Participant
+from towline.methods.nudging import (Nudging, NudgingResult, nudge, split_words,
+                                      strip_repeated_suffix)
 from towline.models.base import GREEDY, Completion, Model, ModelError, Sampling, Step, Token
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest, build_prompt
@@ -409,6 +411,33 @@ def test_sampling_is_repeatable(tiny_base, tiny_guide):
 
     assert go(5) == go(5)
     assert go(5) != go(6)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, seed=3)])
+def test_answers_run_together_are_the_answers_alone(tiny_base, tiny_guide, sampling):
+    """run_batch (what evaluation calls) merges the answers' model calls; each answer is the
+    one run alone, also sampled (each call draws from its own seeded stream)."""
+    method = Nudging(gamma=0.4, max_tokens=24)
+    models = {"base": Participant(tiny_base, sampling), "guide": Participant(tiny_guide, sampling)}
+    requests = [PromptRequest(question=q) for q in ("What is 2+2?", "Name a colour.", "Count to five, slowly.")]
+    together = method.run_batch(requests, models)
+    for request, result in zip(requests, together, strict=True):
+        alone = method.run(request, models)
+        assert [(r.nudging_words, r.base_text) for r in result.rounds] == [
+            (r.nudging_words, r.base_text) for r in alone.rounds]
+        assert (result.text, result.stop_reason, result.model_calls) == (alone.text, alone.stop_reason,
+                                                                          alone.model_calls)
+    assert len({r.seconds for r in together}) == 1  # each answer's share of the whole
+
+
+def test_models_that_do_not_merge_calls_answer_one_at_a_time():
+    """Scripted models do not merge calls: run_batch answers one request after the other."""
+    base, guide = ScriptedBase(sentence(["It", "is", "four."])), ScriptedGuide(["So,", "Well,"], final="Done.")
+    assert not base.merges_calls
+    requests = [PromptRequest(question=q) for q in ("What is 2+2?", "What is 3+1?")]
+    Nudging(max_tokens=12).run_batch(requests, {"base": Participant(base), "guide": Participant(guide, template="chatml")})
+    first = ["2+2" in prompt for prompt in guide.seen]
+    assert first[0] and not first[-1] and first == sorted(first, reverse=True)
 
 
 def test_bad_arguments(tiny_base, tiny_guide):

@@ -1,7 +1,9 @@
 """Nudging's fast local path against its plain one, on real weights.
 
 The fast path is the local backend's own: a KV cache reused across calls and drafts (the
-guide's latest proposals, the text so far) checked several tokens a pass. The plain path
+guide's latest proposals, the text so far) checked several tokens a pass. Answers run
+together (:meth:`Nudging.run_batch`, as evaluation runs them) are held to the same answers
+each alone, the same way. The plain path
 computes every call from scratch, a token a pass: what tests/methods/test_nudging_spec.py
 holds to the rules. Both are greedy. Passes of other shapes round the last float32 bits
 differently, so the two runs must agree call by call up to their first difference, and that
@@ -17,7 +19,8 @@ import pytest
 import torch
 from near_ties import Recorded, assert_same_up_to_a_near_tie
 
-from towline.methods.nudging import nudge
+from towline.methods.base import Participant
+from towline.methods.nudging import Nudging, nudge
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest
 
@@ -31,6 +34,8 @@ QUESTIONS = [
     "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total "
     "does it take?",
 ]
+
+THREE_QUESTIONS = [*QUESTIONS, "What is 12 + 30? Explain."]
 
 
 class Passes:
@@ -79,6 +84,46 @@ def assert_fast_path_is_plain_up_to_a_near_tie(base: LocalModel, guide: LocalMod
     return passes["fast"] / passes["plain"]
 
 
+def request_for(question: str) -> PromptRequest:
+    return PromptRequest(question=question, system="Answer the question by walking through the reasoning steps.",
+                         question_prefix="Question: ")
+
+
+def assert_together_is_alone_up_to_a_near_tie(base: LocalModel, guide: LocalModel, questions: list[str],
+                                              max_tokens: int) -> float:
+    """Answers run together against each run alone, call by call up to a near-tie; returns
+    the together run's share of the alone runs' forward passes."""
+    method = Nudging(gamma=GAMMA, max_tokens=max_tokens)
+    requests = [request_for(q) for q in questions]
+    clock = itertools.count()
+    shared = Recorded(base, clock), Recorded(guide, clock)
+    counter = Passes(base.model, guide.model)
+    try:
+        together = method.run_batch(requests, {"base": Participant(shared[0]), "guide": Participant(shared[1])})
+    finally:
+        counter.remove()
+    passes = {"together": counter.count, "alone": 0}
+    for request, result in zip(requests, together, strict=True):
+        clock = itertools.count()
+        alone_models = Recorded(base, clock), Recorded(guide, clock)
+        counter = Passes(base.model, guide.model)
+        try:
+            alone = method.run(request, {"base": Participant(alone_models[0]), "guide": Participant(alone_models[1])})
+        finally:
+            counter.remove()
+        passes["alone"] += counter.count
+        # This answer's calls among all answers': each model's prompt starts with this request's.
+        own = [[c for c in model.calls if c.prompt.startswith(result.prompts[role])]
+               for model, role in zip(shared, ("base", "guide"))]
+        difference = assert_same_up_to_a_near_tie((own[0], alone_models[0].calls), (own[1], alone_models[1].calls),
+                                                  threshold=GAMMA)
+        if difference is None:
+            assert (result.text, result.stop_reason, result.tokens) == (alone.text, alone.stop_reason, alone.tokens)
+        else:
+            print(f"parted at a near-tie: {difference}")
+    return passes["together"] / passes["alone"]
+
+
 def test_the_bundled_pair(gemma_base, smollm2_guide):
     """gemma-3-270m nudged by SmolLM2-135M-Instruct: the guide writes a third of the answer."""
     shares = [assert_fast_path_is_plain_up_to_a_near_tie(gemma_base, smollm2_guide, q, 48) for q in QUESTIONS]
@@ -89,3 +134,17 @@ def test_a_qwen_pair(qwen_base, qwen_small):
     """Qwen2.5-Coder-1.5B-Instruct on a plain prompt nudged by the 0.5B: one vocabulary."""
     share = assert_fast_path_is_plain_up_to_a_near_tie(qwen_base, qwen_small, QUESTIONS[1], 32)
     assert share < 0.85  # 0.74 here: the base writes nearly all of it, and drafts less of it
+
+
+def test_the_bundled_pair_answers_together(gemma_base, smollm2_guide):
+    """Three questions answered together, as ``towline eval --batch-size`` does: each answer
+    is its answer alone, in fewer forward passes (calls of several answers share one)."""
+    share = assert_together_is_alone_up_to_a_near_tie(gemma_base, smollm2_guide, THREE_QUESTIONS, 40)
+    print(f"passes together / alone: {share:.2f}")
+    assert share < 0.8
+
+
+def test_a_qwen_pair_answers_together(qwen_base, qwen_small):
+    share = assert_together_is_alone_up_to_a_near_tie(qwen_base, qwen_small, THREE_QUESTIONS, 24)
+    print(f"passes together / alone: {share:.2f}")
+    assert share < 0.8

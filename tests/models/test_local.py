@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import closing
 
@@ -12,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from towline.models.base import ModelError, Sampling, Token
-from towline.models.local import LocalModel
+from towline.models.local import LocalModel, _Feed
+from towline.models.together import run_together
 
 PROMPTS = [
     "The capital of France is",
@@ -714,6 +716,85 @@ def test_sliding_window_models_draft_only_well_within_the_window(windowed):
         counter.remove()
     assert counter.calls == 20  # no drafts: the prompt, then one pass a token
     assert [s.token.id for s in long_run.steps] == greedy_ids(windowed, prompt, 20)
+
+
+# -- answers run together ---------------------------------------------------------------
+
+
+def feed_of(ids: list[int], cache, cached: int, keep: int) -> _Feed:
+    """New tokens ``ids`` for a row with ``cached`` tokens in ``cache`` (None: no tokens yet)."""
+    return _Feed(torch.tensor([ids]), torch.ones(1, cached + len(ids), dtype=torch.long),
+                 torch.arange(cached, cached + len(ids))[None], cache, keep)
+
+
+@pytest.mark.parametrize("name", ["fresh", "windowed"])
+def test_a_merged_pass_gives_each_row_what_a_pass_of_its_own_gives(request, name):
+    """Rows with caches of different lengths (one with none), fed different numbers of
+    tokens, keeping different numbers of logits: each row's logits and cache are its own
+    pass's (the cache checked by going on from it), also for a sliding-window model."""
+    model: LocalModel = request.getfixturevalue(name)
+    ids = ids_of(model, PROMPTS[2])
+    rows = [(ids[:5], ids[5:6], 1), (ids[:2], ids[2:5], 3), ([], ids[:4], 2), (ids[:3], ids[3:5], 1)]
+
+    def feeds() -> list[_Feed]:
+        out = []
+        for cached, new, keep in rows:
+            cache = model._forward_one(feed_of(cached, None, 0, 1))[1] if cached else None
+            out.append(feed_of(new, cache, len(cached), keep))
+        return out
+
+    merged = model._forward_merged(feeds())
+    alone = [model._forward_one(feed) for feed in feeds()]
+    for (cached, new, keep), (merged_logits, merged_cache), (logits, cache) in zip(rows, merged, alone):
+        assert merged_logits.shape == logits.shape == (1, keep, len(model.tokenizer))
+        torch.testing.assert_close(merged_logits, logits, atol=TOLERANCE, rtol=0)
+        length = len(cached) + len(new)
+        assert merged_cache.get_seq_length() == cache.get_seq_length() == length
+        after = [model._forward_one(feed_of(ids[7:8], c, length, 1))[0] for c in (merged_cache, cache)]
+        torch.testing.assert_close(after[0], after[1], atol=TOLERANCE, rtol=0)
+
+
+def test_a_merge_reaching_past_a_sliding_window_runs_each_row_alone(windowed):
+    """Rows of 9 and 8 tokens fed 2: 11 merged columns, at the window of 12; each row alone is
+    exact, so neither is merged."""
+    ids = ids_of(windowed, PROMPTS[2])
+    feeds = [feed_of(ids[:2], windowed._forward_one(feed_of(ids[:n], None, 0, 1))[1], n, 1) for n in (9, 8)]
+    counter = ForwardCounter(windowed.model)
+    try:
+        windowed._forward_feeds(feeds)
+    finally:
+        counter.remove()
+    assert counter.calls == 2
+
+
+def complete_then_stream(model: LocalModel, prompt: str) -> list:
+    """A completion drafted from the prompt, then a stream from where it ended."""
+    (first,) = model.complete([prompt], max_tokens=8, top_logprobs=2, lookup=[prompt])
+    with closing(model.stream(prompt + first.text, max_tokens=8, top_logprobs=2)) as stream:
+        return first.steps + list(stream)
+
+
+def test_calls_run_together_decode_as_alone_in_fewer_passes(fresh, tiny_base):
+    """Completions and streams of several prompts, run together on a model that reuses its
+    prefixes and drafts: the tokens of each alone, in fewer forward passes."""
+    prompts = PROMPTS + [PROMPTS[1] + " one two, one two,"]
+    expected = [complete_then_stream(fresh, prompt) for prompt in prompts]  # each call from scratch
+    passes = {}
+    for way in ("together", "alone"):
+        counter = ForwardCounter(tiny_base.model)
+        try:
+            if way == "together":
+                model = LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-together")
+                runs = run_together([functools.partial(complete_then_stream, model, p) for p in prompts])
+            else:  # a model each: nothing carries over from another prompt's calls
+                runs = [complete_then_stream(LocalModel(tiny_base.model, tiny_base.tokenizer, name="tiny-alone"), p)
+                        for p in prompts]
+        finally:
+            counter.remove()
+        passes[way] = counter.calls
+        for steps, plain in zip(runs, expected):
+            assert_same_greedy_run(steps, plain)
+    assert passes["together"] < passes["alone"]
 
 
 # -- count_tokens -------------------------------------------------------------------------

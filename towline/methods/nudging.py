@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -26,6 +26,7 @@ from typing import ClassVar
 from towline.methods.base import (BASE, GUIDE, Method, OnText, Participant, Result, Role, between, option, positive,
                                   register)
 from towline.models.base import GREEDY, SEED_LIMIT, Model, ModelError, Sampling, Step
+from towline.models.together import run_together
 from towline.prompts import PromptRequest
 
 REPEATED_CHUNK_MIN_PIECES = 5
@@ -90,6 +91,18 @@ class Nudging(Method):
     def run(self, request: PromptRequest, models: Mapping[str, Participant], *,
             on_text: OnText | None = None) -> NudgingResult:
         return _Run(self, request, models["base"], models["guide"], on_text).result()
+
+    def run_batch(self, requests: Sequence[PromptRequest], models: Mapping[str, Participant]) -> list[Result]:
+        """Answer the requests together where both models merge calls (local weights): each
+        answer runs the rounds of :meth:`run` in turn, and whenever every answer waits on a
+        model, the waiting calls run as one batch (:mod:`towline.models.together`). Each
+        answer's ``seconds`` is its share of the whole."""
+        if len(requests) < 2 or not all(p.model.merges_calls for p in models.values()):
+            return super().run_batch(requests, models)
+        started = time.perf_counter()
+        results = run_together([functools.partial(self.run, request, models) for request in requests])
+        seconds = (time.perf_counter() - started) / len(requests)
+        return [dataclasses.replace(result, seconds=seconds) for result in results]
 
 
 def split_words(proposal: str) -> list[str]:

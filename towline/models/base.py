@@ -274,6 +274,10 @@ class Model(ABC):
     concurrent: bool = False
     """Whether several threads may call the model at once (a server takes many requests;
     local weights hold one decoding state, so callers take turns)."""
+    merges_calls: bool = False
+    """Whether answers run under :func:`towline.models.together.run_together` get their calls
+    to this model merged into batches (local weights: one forward pass for all the answers),
+    so that answering several requests together pays."""
     context_length: int | None = None
     """Most tokens (prompt and output together) the model attends to; None where unknown."""
     vocabulary: str | None = None
@@ -359,9 +363,10 @@ class Delegating(Model):
     """A model that passes every call on to ``model``: the base of wrappers that watch,
     record or share another model's calls (they override the calls they watch). It
     describes itself as ``model`` does: name, template, context, vocabulary, end of text,
-    concurrency."""
+    concurrency, merging."""
 
-    DESCRIPTION = ("name", "chat_template", "context_length", "vocabulary", "end_ids", "end_texts", "concurrent")
+    DESCRIPTION = ("name", "chat_template", "context_length", "vocabulary", "end_ids", "end_texts", "concurrent",
+                   "merges_calls")
 
     def __init__(self, model: Model) -> None:
         self.model = model

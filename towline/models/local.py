@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from towline.models import registry
 from towline.models.local_scoring import CachedScoring, common_prefix_length
 from towline.models.lookup import lookup_draft
 from towline.models.packed import pack_linear_layers
+from towline.models.together import in_together, merged_call
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -65,10 +67,43 @@ and shrink by one when not (as transformers' assisted generation adapts its draf
 call to call."""
 
 
+MERGED_PADDING_LIMIT = 16
+"""Most padding columns, summed over rows, that a merged pass may add: a forward pass over
+a few more tokens costs about what another pass costs (more for a large vocabulary, whose
+logits every kept column pays for)."""
+
+
 @dataclass
 class _CachedPrefix:
     ids: list[int]
     cache: object
+
+
+@dataclass
+class _Memory:
+    """What carries over from call to call."""
+
+    prefix: _CachedPrefix | None = None
+    """The cached prefix of the latest single row (:meth:`LocalModel._reusable_prefix`)."""
+    draft_size: int = DRAFT_SIZES[1]
+    """Tokens to draft next: how well drafts have done lately (nudging makes many short calls)."""
+
+
+@dataclass
+class _Feed:
+    """New columns ``ids`` to run on top of ``cache``; ``mask`` covers the cached columns and
+    the new ones. The logits of the last ``keep`` columns are wanted."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: object
+    keep: int
+
+    @property
+    def mergeable(self) -> bool:
+        """One row with no holes: :meth:`LocalModel._forward_feeds` can merge it with others."""
+        return self.ids.shape[0] == 1 and bool(self.mask.all())
 
 
 class _Batch:
@@ -112,18 +147,16 @@ class _Batch:
         return torch.stack([r[-1] for r in self.recent])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """Run the new columns ``ids`` on top of the cache; the logits of the last ``keep``."""
-        with torch.inference_mode():
-            out = self.owner.model(
-                input_ids=ids.to(self.owner.device),
-                attention_mask=self.mask.to(self.owner.device),
-                position_ids=positions.to(self.owner.device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-        self.cache = out.past_key_values
-        return out.logits[:, -keep:, :].float().cpu()
+        """Run the new columns ``ids`` on top of the cache; the logits of the last ``keep``.
+
+        A single row goes through :func:`merged_call`: answers run together
+        (:func:`~towline.models.together.run_together`) share one pass."""
+        feed = _Feed(ids, self.mask, positions, self.cache, keep)
+        if feed.mergeable:
+            logits, self.cache = merged_call(self.owner, feed, self.owner._forward_feeds)
+        else:
+            logits, self.cache = self.owner._forward_one(feed)
+        return logits
 
     def append(self, ids: Sequence[int]) -> None:
         self.feed([[token_id] for token_id in ids])
@@ -198,7 +231,7 @@ class _Batch:
     def remember(self) -> None:
         """Offer this single row's cache for reuse by the next prompt that shares its prefix."""
         if len(self.fed) == 1:
-            self.owner._prefix = _CachedPrefix(self.fed[0], self.cache)
+            self.owner._memory.prefix = _CachedPrefix(self.fed[0], self.cache)
 
     def close(self) -> None:
         self.cache = None
@@ -208,6 +241,8 @@ class _Batch:
 class LocalModel(Model):
     """A causal LM held in memory. Build it with :meth:`load` or from a loaded model."""
 
+    merges_calls = True
+
     def __init__(self, model, tokenizer, *, name: str, reuse_prefix: bool = True, draft: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -216,16 +251,14 @@ class LocalModel(Model):
         self.draft = draft
         """Whether greedy decoding of one prompt verifies lookup drafts (see the module's
         docstring); off, every token costs its own forward pass."""
-        self._draft_size = DRAFT_SIZES[1]
-        """Tokens to draft next: how well drafts have done lately, carried across calls
-        (nudging makes many short ones)."""
+        self._shared_memory = _Memory()
+        self._answer_memory = threading.local()
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.end_ids = _end_token_ids(model, tokenizer)
         self.end_texts = frozenset(tokenizer.convert_ids_to_tokens(sorted(self.end_ids)))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
-        self._prefix: _CachedPrefix | None = None
         self.sliding_window: int | None = getattr(model.config, "sliding_window", None)
         """Where some layers attend only to the last tokens (Gemma 3): caches past it cannot be cut."""
 
@@ -300,20 +333,31 @@ class LocalModel(Model):
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def _memory(self) -> _Memory:
+        """One per model, and one per answer for answers run together (each extends a prompt
+        of its own; each runs in its own thread)."""
+        if not in_together():
+            return self._shared_memory
+        if not hasattr(self._answer_memory, "memory"):
+            self._answer_memory.memory = _Memory()
+        return self._answer_memory.memory
+
     def _reusable_prefix(self, ids: list[int], keep: int = 1) -> tuple[int, object] | None:
         """Where the cached prefix of the latest single row can start ``ids`` (at least the
         last ``keep`` of them fed again: their logits are wanted), and a copy of its cache."""
-        if not self.reuse_prefix or self._prefix is None:
+        prefix: _CachedPrefix | None = self._memory.prefix
+        if not self.reuse_prefix or prefix is None:
             return None
-        shared = common_prefix_length(self._prefix.ids, ids)
+        shared = common_prefix_length(prefix.ids, ids)
         shared = min(shared, len(ids) - keep)  # tokens whose logits are wanted must be fed
         if shared < MIN_REUSED_PREFIX:
             return None
         window = self.sliding_window
-        if window and len(self._prefix.ids) >= window:
+        if window and len(prefix.ids) >= window:
             return None  # sliding-window layers have dropped states that a crop would need
-        cache = copy.deepcopy(self._prefix.cache)
-        cache.crop(shared - len(self._prefix.ids))  # a negative crop removes that many tokens
+        cache = copy.deepcopy(prefix.cache)
+        cache.crop(shared - len(prefix.ids))  # a negative crop removes that many tokens
         return shared, cache
 
     # -- decoding -----------------------------------------------------------------------
@@ -395,6 +439,77 @@ class LocalModel(Model):
         sliding window, or a longer one): only then are holes and rollbacks exact."""
         return not self.sliding_window or columns < self.sliding_window - 1
 
+    def _forward_one(self, feed: _Feed) -> tuple[torch.Tensor, object]:
+        """One forward pass: the logits of the last ``feed.keep`` columns, and the cache."""
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=feed.ids.to(self.device),
+                attention_mask=feed.mask.to(self.device),
+                position_ids=feed.positions.to(self.device),
+                past_key_values=feed.cache,
+                use_cache=True,
+                logits_to_keep=feed.keep,
+            )
+        return out.logits[:, -feed.keep:, :].float().cpu(), out.past_key_values
+
+    def _forward_feeds(self, feeds: list[_Feed]) -> list[tuple[torch.Tensor, object]]:
+        """Single rows of answers run together, in few passes: feeds of similar widths are
+        merged into one pass (:meth:`_forward_merged`), since a merged pass pads every row
+        to its widest feed; a feed left alone, and a merge that would reach past a sliding
+        window, run by themselves."""
+        results: dict[int, tuple[torch.Tensor, object]] = {}
+        for group in _similar_widths([feed.ids.shape[-1] for feed in feeds]):
+            members = [feeds[i] for i in group]
+            columns = max(f.mask.shape[-1] - f.ids.shape[-1] for f in members) + max(f.ids.shape[-1] for f in members)
+            if len(group) > 1 and self._within_window(columns):
+                results.update(zip(group, self._forward_merged(members)))
+            else:
+                results.update((i, self._forward_one(feeds[i])) for i in group)
+        return [results[i] for i in range(len(feeds))]
+
+    def _forward_merged(self, feeds: list[_Feed]) -> list[tuple[torch.Tensor, object]]:
+        """Rows with caches of their own, run as one batch: each cache is left-padded to the
+        longest and each feed right-padded to the widest, so that a row's real tokens stay
+        contiguous and in order; each row's logits and cache (its own columns only) come back
+        as :meth:`_forward_one` would return them, up to floating-point rounding."""
+        from transformers import DynamicCache
+
+        cached = [feed.mask.shape[-1] - feed.ids.shape[-1] for feed in feeds]
+        widths = [feed.ids.shape[-1] for feed in feeds]
+        past, width = max(cached), max(widths)
+        ids = torch.full((len(feeds), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(feeds), past + width, dtype=torch.long)
+        for row, (feed, length, new) in enumerate(zip(feeds, cached, widths)):
+            ids[row, :new] = feed.ids[0]
+            mask[row, past - length : past + new] = 1
+        positions = torch.tensor(cached).unsqueeze(-1) + torch.arange(width)
+        cache = None
+        if past:
+            template = next(feed.cache for feed in feeds if feed.cache is not None)
+            layers = []
+            for index, layer in enumerate(template.layers):
+                keys = layer.keys.new_empty(len(feeds), layer.keys.shape[1], past, layer.keys.shape[-1])
+                values = layer.values.new_empty(len(feeds), layer.values.shape[1], past, layer.values.shape[-1])
+                for row, (feed, length) in enumerate(zip(feeds, cached)):
+                    keys[row, :, : past - length] = 0  # masked, but never garbage (NaN times 0 is NaN)
+                    values[row, :, : past - length] = 0
+                    if length:
+                        keys[row, :, past - length :] = feed.cache.layers[index].keys[0]
+                        values[row, :, past - length :] = feed.cache.layers[index].values[0]
+                layers.append((keys, values))
+            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        # The first column any row wants logits for decides how many columns are kept.
+        keep = width - min(new - feed.keep for feed, new in zip(feeds, widths))
+        logits, merged = self._forward_one(_Feed(ids, mask, positions, cache, keep))
+        results = []
+        for row, (feed, length, new) in enumerate(zip(feeds, cached, widths)):
+            end = keep - width + new  # the row's last real column among the kept ones
+            own = [(layer.keys[row : row + 1, :, past - length : past + new],
+                    layer.values[row : row + 1, :, past - length : past + new]) for layer in merged.layers]
+            results.append((logits[row : row + 1, end - feed.keep : end],
+                            DynamicCache(ddp_cache_data=own, config=self.model.config)))
+        return results
+
     def _decode_drafted(self, prompt_ids: list[int], *, max_tokens: int, top_logprobs: int,
                         stop: Sequence[str], finish: list[str | None],
                         lookup: Sequence[str]) -> Iterator[list[Step | None]]:
@@ -406,7 +521,8 @@ class LocalModel(Model):
         :meth:`_decode_rows` yields for one row."""
         sources = [self.tokenizer(text, add_special_tokens=False).input_ids for text in lookup if text]
         # The prompt's own pass checks the first draft.
-        drafted = lookup_draft(prompt_ids, sources, size=min(self._draft_size, max_tokens - 1))
+        draft_size = self._memory.draft_size
+        drafted = lookup_draft(prompt_ids, sources, size=min(draft_size, max_tokens - 1))
         batch = _Batch(self, [prompt_ids + drafted], keep=len(drafted) + 1)
         ahead = list(batch.recent[0])  # logits after the last chosen token, then after each of ``drafted``
         generated: list[int] = []
@@ -428,16 +544,17 @@ class LocalModel(Model):
                 if drafted:
                     if drafted.pop(0) == token_id:  # already fed: ``ahead`` has what follows it
                         if not drafted:
-                            self._draft_size = min(self._draft_size + 2, DRAFT_SIZES[2])
+                            draft_size = min(draft_size + 2, DRAFT_SIZES[2])
                         continue
                     batch.truncate([len(drafted) + 1])
                     drafted = []
-                    self._draft_size = max(self._draft_size - 1, DRAFT_SIZES[0])
+                    draft_size = max(draft_size - 1, DRAFT_SIZES[0])
                 drafted = lookup_draft(prompt_ids + generated, sources,
-                                       size=min(self._draft_size, max_tokens - len(generated) - 1))
+                                       size=min(draft_size, max_tokens - len(generated) - 1))
                 ahead = list(batch.feed([[token_id] + drafted])[0])
         finally:
             batch.remember()  # drafted tokens left in the cache are real tokens of it
+            self._memory.draft_size = draft_size
 
     def complete(self, prompts: Sequence[str], *, max_tokens: int, sampling: Sampling = GREEDY,
                  top_logprobs: int = 1, stop: Sequence[str] = (), lookup: Sequence[str] = ()) -> list[Completion]:
@@ -610,6 +727,25 @@ class _LocalDecodeState(DecodeState):
         if self._batch is not None:
             self._batch.close()
             self._batch = None
+
+
+def _similar_widths(widths: Sequence[int]) -> list[list[int]]:
+    """Indices of ``widths`` grouped for merged passes: narrowest first, each group growing
+    while padding every member to its widest adds at most :data:`MERGED_PADDING_LIMIT` columns.
+
+    >>> _similar_widths([1, 12, 1, 40, 14])
+    [[0, 2], [1, 4], [3]]
+    """
+    groups: list[list[int]] = []
+    for index in sorted(range(len(widths)), key=lambda i: widths[i]):
+        if groups:
+            group = groups[-1]
+            padded = (len(group) + 1) * widths[index] - sum(widths[i] for i in group) - widths[index]
+            if padded <= MERGED_PADDING_LIMIT:
+                group.append(index)
+                continue
+        groups.append([index])
+    return groups
 
 
 def _end_token_ids(model, tokenizer) -> frozenset[int]:
