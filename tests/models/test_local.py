@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from towline.models.base import ModelError, Sampling, Token
-from towline.models.local import LocalModel, _Feed
+from towline.models.local import LocalModel
 from towline.models.together import run_together
 
 PROMPTS = [
@@ -531,22 +531,6 @@ def test_truncate_gives_back_cache_columns_and_pending_tokens(fresh):
         assert_matches_recomputed(fresh, PROMPTS[1], [], dist)
 
 
-@pytest.fixture(scope="module")
-def windowed(smollm2_tokenizer) -> LocalModel:
-    """A tiny Gemma 3 whose first layer sees only the last 12 tokens (sliding window)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(5)
-    tokenizer = smollm2_tokenizer
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    return LocalModel(Gemma3ForCausalLM(config).eval(), tokenizer, name="tiny-windowed", reuse_prefix=False)
-
-
 def test_sliding_window_rows_roll_back_within_the_window_and_refuse_past_it(windowed):
     prompt = PROMPTS[0]  # 5 tokens
     run = greedy_ids(windowed, prompt, 12)
@@ -719,52 +703,6 @@ def test_sliding_window_models_draft_only_well_within_the_window(windowed):
 
 
 # -- answers run together ---------------------------------------------------------------
-
-
-def feed_of(ids: list[int], cache, cached: int, keep: int) -> _Feed:
-    """New tokens ``ids`` for a row with ``cached`` tokens in ``cache`` (None: no tokens yet)."""
-    return _Feed(torch.tensor([ids]), torch.ones(1, cached + len(ids), dtype=torch.long),
-                 torch.arange(cached, cached + len(ids))[None], cache, keep)
-
-
-@pytest.mark.parametrize("name", ["fresh", "windowed"])
-def test_a_merged_pass_gives_each_row_what_a_pass_of_its_own_gives(request, name):
-    """Rows with caches of different lengths (one with none), fed different numbers of
-    tokens, keeping different numbers of logits: each row's logits and cache are its own
-    pass's (the cache checked by going on from it), also for a sliding-window model."""
-    model: LocalModel = request.getfixturevalue(name)
-    ids = ids_of(model, PROMPTS[2])
-    rows = [(ids[:5], ids[5:6], 1), (ids[:2], ids[2:5], 3), ([], ids[:4], 2), (ids[:3], ids[3:5], 1)]
-
-    def feeds() -> list[_Feed]:
-        out = []
-        for cached, new, keep in rows:
-            cache = model._forward_one(feed_of(cached, None, 0, 1))[1] if cached else None
-            out.append(feed_of(new, cache, len(cached), keep))
-        return out
-
-    merged = model._forward_merged(feeds())
-    alone = [model._forward_one(feed) for feed in feeds()]
-    for (cached, new, keep), (merged_logits, merged_cache), (logits, cache) in zip(rows, merged, alone):
-        assert merged_logits.shape == logits.shape == (1, keep, len(model.tokenizer))
-        torch.testing.assert_close(merged_logits, logits, atol=TOLERANCE, rtol=0)
-        length = len(cached) + len(new)
-        assert merged_cache.get_seq_length() == cache.get_seq_length() == length
-        after = [model._forward_one(feed_of(ids[7:8], c, length, 1))[0] for c in (merged_cache, cache)]
-        torch.testing.assert_close(after[0], after[1], atol=TOLERANCE, rtol=0)
-
-
-def test_a_merge_reaching_past_a_sliding_window_runs_each_row_alone(windowed):
-    """Rows of 9 and 8 tokens fed 2: 11 merged columns, at the window of 12; each row alone is
-    exact, so neither is merged."""
-    ids = ids_of(windowed, PROMPTS[2])
-    feeds = [feed_of(ids[:2], windowed._forward_one(feed_of(ids[:n], None, 0, 1))[1], n, 1) for n in (9, 8)]
-    counter = ForwardCounter(windowed.model)
-    try:
-        windowed._forward_feeds(feeds)
-    finally:
-        counter.remove()
-    assert counter.calls == 2
 
 
 def complete_then_stream(model: LocalModel, prompt: str) -> list:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from towline.models.together import in_together, merged_call, run_together
+from towline.models.together import answers_together, in_together, merged_call, run_together
 
 
 class Recorder:
@@ -79,6 +79,11 @@ def test_outside_run_together_a_call_is_computed_alone():
     assert recorder.batches == [("model", [(0, 5)])]
     assert run_together([in_together, in_together]) == [True, True]
     assert run_together([]) == []
+
+
+def test_answers_together_counts_the_unfinished():
+    assert answers_together() == 1
+    assert run_together([answers_together] * 3) == [3, 2, 1]  # each runs to its end in turn
 
 
 def test_a_failed_batch_fails_each_answer_that_waited_on_it():

@@ -18,6 +18,11 @@ equals the model's own greedy choice is a token decoded without a pass of its ow
 tokens in one pass cost little more than one on a GPU, and on a CPU once the linear layers are
 packed (:mod:`towline.models.packed`, which :meth:`LocalModel.load` does), and the output is
 plain greedy decoding's, up to floating-point rounding between pass shapes.
+
+Answers run together (:func:`towline.models.together.run_together`, as ``towline eval
+--batch-size`` runs nudging) share passes: whenever they all wait on this model, their single
+rows run as one batch (:mod:`towline.models.local_merged`), and their drafts shrink, since a
+pass over many rows' drafts is no longer nearly free.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from pathlib import Path
 import torch
 
 from towline.models import registry
+from towline.models.local_merged import Feed, forward_feeds, own_cache
 from towline.models.local_scoring import CachedScoring, common_prefix_length
 from towline.models.lookup import lookup_draft
 from towline.models.packed import pack_linear_layers
-from towline.models.together import in_together, merged_call
+from towline.models.together import answers_together, in_together, merged_call
 from towline.sampling import choose_with_logprobs
 from towline.sampling import generator as sampling_generator
 from towline.models.base import (
@@ -67,12 +73,6 @@ and shrink by one when not (as transformers' assisted generation adapts its draf
 call to call."""
 
 
-MERGED_PADDING_LIMIT = 16
-"""Most padding columns, summed over rows, that a merged pass may add: a forward pass over
-a few more tokens costs about what another pass costs (more for a large vocabulary, whose
-logits every kept column pays for)."""
-
-
 @dataclass
 class _CachedPrefix:
     ids: list[int]
@@ -87,23 +87,6 @@ class _Memory:
     """The cached prefix of the latest single row (:meth:`LocalModel._reusable_prefix`)."""
     draft_size: int = DRAFT_SIZES[1]
     """Tokens to draft next: how well drafts have done lately (nudging makes many short calls)."""
-
-
-@dataclass
-class _Feed:
-    """New columns ``ids`` to run on top of ``cache``; ``mask`` covers the cached columns and
-    the new ones. The logits of the last ``keep`` columns are wanted."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    cache: object
-    keep: int
-
-    @property
-    def mergeable(self) -> bool:
-        """One row with no holes: :meth:`LocalModel._forward_feeds` can merge it with others."""
-        return self.ids.shape[0] == 1 and bool(self.mask.all())
 
 
 class _Batch:
@@ -151,9 +134,9 @@ class _Batch:
 
         A single row goes through :func:`merged_call`: answers run together
         (:func:`~towline.models.together.run_together`) share one pass."""
-        feed = _Feed(ids, self.mask, positions, self.cache, keep)
+        feed = Feed(ids, self.mask, positions, self.cache, keep)
         if feed.mergeable:
-            logits, self.cache = merged_call(self.owner, feed, self.owner._forward_feeds)
+            logits, self.cache = merged_call(self.owner, feed, functools.partial(forward_feeds, self.owner))
         else:
             logits, self.cache = self.owner._forward_one(feed)
         return logits
@@ -223,6 +206,7 @@ class _Batch:
 
     def reorder(self, rows: Sequence[int]) -> None:
         index = torch.tensor(list(rows))
+        self.cache = own_cache(self.cache)
         self.cache.reorder_cache(index.to(self.owner.device))
         self.mask = self.mask[index]
         self.recent = [list(self.recent[i]) for i in rows]
@@ -439,76 +423,18 @@ class LocalModel(Model):
         sliding window, or a longer one): only then are holes and rollbacks exact."""
         return not self.sliding_window or columns < self.sliding_window - 1
 
-    def _forward_one(self, feed: _Feed) -> tuple[torch.Tensor, object]:
+    def _forward_one(self, feed: Feed) -> tuple[torch.Tensor, object]:
         """One forward pass: the logits of the last ``feed.keep`` columns, and the cache."""
         with torch.inference_mode():
             out = self.model(
                 input_ids=feed.ids.to(self.device),
                 attention_mask=feed.mask.to(self.device),
                 position_ids=feed.positions.to(self.device),
-                past_key_values=feed.cache,
+                past_key_values=own_cache(feed.cache),
                 use_cache=True,
                 logits_to_keep=feed.keep,
             )
         return out.logits[:, -feed.keep:, :].float().cpu(), out.past_key_values
-
-    def _forward_feeds(self, feeds: list[_Feed]) -> list[tuple[torch.Tensor, object]]:
-        """Single rows of answers run together, in few passes: feeds of similar widths are
-        merged into one pass (:meth:`_forward_merged`), since a merged pass pads every row
-        to its widest feed; a feed left alone, and a merge that would reach past a sliding
-        window, run by themselves."""
-        results: dict[int, tuple[torch.Tensor, object]] = {}
-        for group in _similar_widths([feed.ids.shape[-1] for feed in feeds]):
-            members = [feeds[i] for i in group]
-            columns = max(f.mask.shape[-1] - f.ids.shape[-1] for f in members) + max(f.ids.shape[-1] for f in members)
-            if len(group) > 1 and self._within_window(columns):
-                results.update(zip(group, self._forward_merged(members)))
-            else:
-                results.update((i, self._forward_one(feeds[i])) for i in group)
-        return [results[i] for i in range(len(feeds))]
-
-    def _forward_merged(self, feeds: list[_Feed]) -> list[tuple[torch.Tensor, object]]:
-        """Rows with caches of their own, run as one batch: each cache is left-padded to the
-        longest and each feed right-padded to the widest, so that a row's real tokens stay
-        contiguous and in order; each row's logits and cache (its own columns only) come back
-        as :meth:`_forward_one` would return them, up to floating-point rounding."""
-        from transformers import DynamicCache
-
-        cached = [feed.mask.shape[-1] - feed.ids.shape[-1] for feed in feeds]
-        widths = [feed.ids.shape[-1] for feed in feeds]
-        past, width = max(cached), max(widths)
-        ids = torch.full((len(feeds), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(feeds), past + width, dtype=torch.long)
-        for row, (feed, length, new) in enumerate(zip(feeds, cached, widths)):
-            ids[row, :new] = feed.ids[0]
-            mask[row, past - length : past + new] = 1
-        positions = torch.tensor(cached).unsqueeze(-1) + torch.arange(width)
-        cache = None
-        if past:
-            template = next(feed.cache for feed in feeds if feed.cache is not None)
-            layers = []
-            for index, layer in enumerate(template.layers):
-                keys = layer.keys.new_empty(len(feeds), layer.keys.shape[1], past, layer.keys.shape[-1])
-                values = layer.values.new_empty(len(feeds), layer.values.shape[1], past, layer.values.shape[-1])
-                for row, (feed, length) in enumerate(zip(feeds, cached)):
-                    keys[row, :, : past - length] = 0  # masked, but never garbage (NaN times 0 is NaN)
-                    values[row, :, : past - length] = 0
-                    if length:
-                        keys[row, :, past - length :] = feed.cache.layers[index].keys[0]
-                        values[row, :, past - length :] = feed.cache.layers[index].values[0]
-                layers.append((keys, values))
-            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        # The first column any row wants logits for decides how many columns are kept.
-        keep = width - min(new - feed.keep for feed, new in zip(feeds, widths))
-        logits, merged = self._forward_one(_Feed(ids, mask, positions, cache, keep))
-        results = []
-        for row, (feed, length, new) in enumerate(zip(feeds, cached, widths)):
-            end = keep - width + new  # the row's last real column among the kept ones
-            own = [(layer.keys[row : row + 1, :, past - length : past + new],
-                    layer.values[row : row + 1, :, past - length : past + new]) for layer in merged.layers]
-            results.append((logits[row : row + 1, end - feed.keep : end],
-                            DynamicCache(ddp_cache_data=own, config=self.model.config)))
-        return results
 
     def _decode_drafted(self, prompt_ids: list[int], *, max_tokens: int, top_logprobs: int,
                         stop: Sequence[str], finish: list[str | None],
@@ -522,7 +448,10 @@ class LocalModel(Model):
         sources = [self.tokenizer(text, add_special_tokens=False).input_ids for text in lookup if text]
         # The prompt's own pass checks the first draft.
         draft_size = self._memory.draft_size
-        drafted = lookup_draft(prompt_ids, sources, size=min(draft_size, max_tokens - 1))
+        # Answers run together share each pass, where every row's draft costs its columns: the
+        # few tokens' worth a pass costs little more for are shared out.
+        most = max(DRAFT_SIZES[2] // answers_together(), DRAFT_SIZES[0])
+        drafted = lookup_draft(prompt_ids, sources, size=min(draft_size, most, max_tokens - 1))
         batch = _Batch(self, [prompt_ids + drafted], keep=len(drafted) + 1)
         ahead = list(batch.recent[0])  # logits after the last chosen token, then after each of ``drafted``
         generated: list[int] = []
@@ -550,7 +479,7 @@ class LocalModel(Model):
                     drafted = []
                     draft_size = max(draft_size - 1, DRAFT_SIZES[0])
                 drafted = lookup_draft(prompt_ids + generated, sources,
-                                       size=min(draft_size, max_tokens - len(generated) - 1))
+                                       size=min(draft_size, most, max_tokens - len(generated) - 1))
                 ahead = list(batch.feed([[token_id] + drafted])[0])
         finally:
             batch.remember()  # drafted tokens left in the cache are real tokens of it
@@ -727,25 +656,6 @@ class _LocalDecodeState(DecodeState):
         if self._batch is not None:
             self._batch.close()
             self._batch = None
-
-
-def _similar_widths(widths: Sequence[int]) -> list[list[int]]:
-    """Indices of ``widths`` grouped for merged passes: narrowest first, each group growing
-    while padding every member to its widest adds at most :data:`MERGED_PADDING_LIMIT` columns.
-
-    >>> _similar_widths([1, 12, 1, 40, 14])
-    [[0, 2], [1, 4], [3]]
-    """
-    groups: list[list[int]] = []
-    for index in sorted(range(len(widths)), key=lambda i: widths[i]):
-        if groups:
-            group = groups[-1]
-            padded = (len(group) + 1) * widths[index] - sum(widths[i] for i in group) - widths[index]
-            if padded <= MERGED_PADDING_LIMIT:
-                group.append(index)
-                continue
-        groups.append([index])
-    return groups
 
 
 def _end_token_ids(model, tokenizer) -> frozenset[int]:

@@ -55,6 +55,7 @@ class _Turns:
     """Answers that may run, in the order they get their turns."""
     waiting: dict[int, _Call] = field(default_factory=dict)
     turn: int | None = None
+    unfinished: int = 0
 
     def wait_for_turn(self, index: int) -> None:
         """Block until it is answer ``index``'s turn (call with ``condition`` held)."""
@@ -91,6 +92,13 @@ def in_together() -> bool:
     return getattr(_local, "turns", None) is not None
 
 
+def answers_together() -> int:
+    """How many unfinished answers run together with this thread's, itself included; 1 outside
+    :func:`run_together`."""
+    turns: _Turns | None = getattr(_local, "turns", None)
+    return turns.unfinished if turns is not None else 1
+
+
 def merged_call(key: Hashable, item: Item, compute: Callable[[list[Item]], list[Out]]) -> Out:
     """``compute([item])[0]``, merged with the waiting calls of the same ``key`` when this
     thread runs under :func:`run_together`: ``compute`` then gets every such item at once,
@@ -113,7 +121,7 @@ def merged_call(key: Hashable, item: Item, compute: Callable[[list[Item]], list[
 def run_together(tasks: Sequence[Callable[[], T]]) -> list[T]:
     """Run every task in a thread of its own, taking turns (see the module's docstring); the
     results in order. The first error a task raises is raised once every task has ended."""
-    turns = _Turns(ready=deque(range(len(tasks))))
+    turns = _Turns(ready=deque(range(len(tasks))), unfinished=len(tasks))
     results: list[Any] = [None] * len(tasks)
     errors: list[BaseException | None] = [None] * len(tasks)
 
@@ -127,6 +135,7 @@ def run_together(tasks: Sequence[Callable[[], T]]) -> list[T]:
             errors[index] = error
         finally:
             with turns.condition:
+                turns.unfinished -= 1
                 turns.pass_turn()
 
     threads = [threading.Thread(target=answer, args=(i,), name=f"towline-together-{i}", daemon=True)
