@@ -134,8 +134,10 @@ def eval_command(
                                                          "more than the set holds).")] = 100,
     workers: Annotated[int, typer.Option(help="Items in flight at once (local models still serve one at a time).")]
     = 1,
-    batch_size: Annotated[int, typer.Option(help="Items of one method decoded together where the method can "
-                                                 "(greedy base-only and guide-only: one batch through the model).")]
+    batch_size: Annotated[int, typer.Option(help="Items of one method answered together where the method can "
+                                                 "(greedy base-only and guide-only: one batch through the model; "
+                                                 "nudging on local weights: the answers' calls merged into "
+                                                 "batched passes).")]
     = 8,
     resume: Annotated[bool, typer.Option(help="Finish the run in --out, skipping items already done.")] = False,
     source: Annotated[str, typer.Option(help=f"Where the data comes from: {' or '.join(SOURCES)} (Hugging Face).")]
