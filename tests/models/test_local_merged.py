@@ -97,7 +97,7 @@ def test_a_merge_reaching_past_a_sliding_window_runs_each_row_alone(windowed):
 
 def test_a_row_copied_out_of_a_merged_cache_continues_exactly(tiny_base):
     (_, row), _ = forward_feeds(tiny_base, [feed_of([300, 301], None, 0, 1), feed_of([400], None, 0, 1)])
-    own = row.cache()
+    own = row.copy_out()
     assert own.get_seq_length() == 2
     expected = tiny_base._forward_one(feed_of([302], alone(tiny_base, [300, 301]), 2, 1))[0]
     torch.testing.assert_close(tiny_base._forward_one(feed_of([302], own, 2, 1))[0], expected, atol=TOLERANCE, rtol=0)

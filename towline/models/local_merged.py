@@ -92,22 +92,22 @@ class MergedRow:
     def __deepcopy__(self, memo) -> MergedRow:
         return MergedRow(self.merged, self.row, list(self.columns))
 
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def copied_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's keys and values of this row alone (copies), one batch row each."""
         index = torch.tensor(self.columns, device=self.merged.cache.layers[0].keys.device)
         return [(layer.keys[self.row : self.row + 1].index_select(-2, index),
                  layer.values[self.row : self.row + 1].index_select(-2, index)) for layer in self.merged.cache.layers]
 
-    def cache(self):
+    def copy_out(self):
         """This row as a cache of its own (a copy)."""
         from transformers import DynamicCache
 
-        return DynamicCache(ddp_cache_data=self.layers(), config=self.merged.config)
+        return DynamicCache(ddp_cache_data=self.copied_layers(), config=self.merged.config)
 
 
 def own_cache(cache):
     """``cache`` as a cache of its own: a :class:`MergedRow` is copied out, anything else kept."""
-    return cache.cache() if isinstance(cache, MergedRow) else cache
+    return cache.copy_out() if isinstance(cache, MergedRow) else cache
 
 
 def similar_widths(widths: Sequence[int]) -> list[list[int]]:
@@ -173,7 +173,7 @@ def _copied_rows(owner: LocalModel, feeds: list[Feed]) -> list[MergedRow]:
     rows = [MergedRow(merged, i, list(range(past - length, past))) for i, length in enumerate(lengths)]
     if not past:
         return rows
-    sources = [(feed.cache.layers() if isinstance(feed.cache, MergedRow) else
+    sources = [(feed.cache.copied_layers() if isinstance(feed.cache, MergedRow) else
                 [(layer.keys, layer.values) for layer in feed.cache.layers]) if feed.cache is not None else None
                for feed in feeds]
     template = next(source for source in sources if source is not None)

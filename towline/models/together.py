@@ -4,10 +4,11 @@ A method written as plain blocking calls (nudging asks the guide, then streams t
 answers several requests at once by running each in its own thread under
 :func:`run_together`. The threads take turns: one runs at a time, until it makes a call that a
 backend routes through :func:`merged_call` or until its answer is done. When every unfinished
-answer waits on such a call, the waiting calls run, those of one backend object merged into
-one batch (on local weights: one forward pass over all the rows), and the answers go on in
-their original order. Nothing runs concurrently, so the answers share models, tokenizers and
-caches exactly as one answer at a time would; only the batching differs.
+answer waits on such a call, the waiting calls of the key (the backend object) most of them
+wait on run as one batch (on local weights: one forward pass over all the rows), and those
+answers go on in their original order. Nothing runs concurrently, so the answers may share
+models and tokenizers that are not thread-safe; what each answer computes is what it computes
+alone, up to the rounding of batched passes.
 
 >>> log = []
 >>> def double_all(items):
@@ -62,8 +63,8 @@ class _Turns:
         self.condition.wait_for(lambda: self.turn == index)
 
     def pass_turn(self) -> None:
-        """Give the turn to the next ready answer; when none is ready, run every waiting call
-        first (call with ``condition`` held, by the answer whose turn ends)."""
+        """Give the turn to the next ready answer; when none is ready, run the waiting calls of
+        one key first (call with ``condition`` held, by the answer whose turn ends)."""
         if not self.ready and self.waiting:
             self._run_waiting()
         self.turn = self.ready.popleft() if self.ready else None
