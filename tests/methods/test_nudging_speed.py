@@ -57,11 +57,15 @@ def plain(model: LocalModel) -> LocalModel:
     return LocalModel(model.model, model.tokenizer, name=model.name, reuse_prefix=False, draft=False)
 
 
+def request_for(question: str) -> PromptRequest:
+    return PromptRequest(question=question, system="Answer the question by walking through the reasoning steps.",
+                         question_prefix="Question: ")
+
+
 def assert_fast_path_is_plain_up_to_a_near_tie(base: LocalModel, guide: LocalModel, question: str,
                                                max_tokens: int) -> float:
     """Runs both paths; returns the fast path's share of the plain path's forward passes."""
-    request = PromptRequest(question=question, system="Answer the question by walking through the reasoning steps.",
-                            question_prefix="Question: ")
+    request = request_for(question)
     runs, passes = {}, {}
     for name, (b, g) in {"fast": (base, guide), "plain": (plain(base), plain(guide))}.items():
         clock = itertools.count()
@@ -82,11 +86,6 @@ def assert_fast_path_is_plain_up_to_a_near_tie(base: LocalModel, guide: LocalMod
     else:
         print(f"parted at a near-tie: {difference}")
     return passes["fast"] / passes["plain"]
-
-
-def request_for(question: str) -> PromptRequest:
-    return PromptRequest(question=question, system="Answer the question by walking through the reasoning steps.",
-                         question_prefix="Question: ")
 
 
 def assert_together_is_alone_up_to_a_near_tie(base: LocalModel, guide: LocalModel, questions: list[str],
