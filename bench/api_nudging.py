@@ -42,14 +42,14 @@ from towline.eval import datasets
 from towline.methods.nudging import nudge
 from towline.models import registry
 from towline.models.openai import OpenAIModel
-from towline.prompts import PromptRequest, build_prompt
+from towline.prompts import build_prompt
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the tests' llama.cpp server (prefix reuse off)
 from llama_server import start as start_llama_server  # noqa: E402
-from spec_nudging import spec_nudging  # noqa: E402  (bench/, this script's folder)
+from common import request_for  # noqa: E402  (bench/, this script's folder)
+from spec_nudging import spec_nudging  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-SYSTEM = "Answer the question by walking through the reasoning steps."
 
 
 class Server:
@@ -110,8 +110,7 @@ def main() -> None:
     if not registry.is_installed(MODEL):
         registry.pull(MODEL)
     gguf = registry.gguf_file(MODEL)
-    requests = [PromptRequest(question=row["question"], system=SYSTEM, question_prefix="Question: ")
-                for row in datasets.load("gsm8k")[: args.questions]]
+    requests = [request_for(row["question"]) for row in datasets.load("gsm8k")[: args.questions]]
     options = dict(max_tokens=args.max_tokens)
     totals = {name: {"requests": 0, "generated": 0, "received": 0, "seconds": 0.0}
               for name in ("towline", "transcription")}

@@ -22,51 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 
 import torch
 
 from towline.api import compose
 from towline.eval import datasets
 from towline.models.local import LocalModel
-from towline.prompts import PromptRequest
 
-SYSTEM = "Answer the question by walking through the reasoning steps."
+from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for  # bench/, this script's folder
 
-
-@dataclass(frozen=True)
-class Pair:
-    base: str
-    guide: str
-    questions: int
-    max_tokens: int
+PAIRS = pairs(gemma=(8, 64), qwen=(4, 48))
 
 
-PAIRS = {
-    "gemma": Pair("gemma-3-270m", "smollm2-135m-instruct", questions=8, max_tokens=64),
-    "qwen": Pair("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", questions=4, max_tokens=48),
-}
-
-
-class Passes:
-    """Counts forward passes of one torch module."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.count = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args) -> None:
-        self.count += 1
-
-
-def request_for(question: str) -> PromptRequest:
-    return PromptRequest(question=question, system=SYSTEM, question_prefix="Question: ")
-
-
-def run_pair(pair: Pair, questions: list[str], max_tokens: int) -> dict:
+def run_pair(pair: Pair, questions: list[str]) -> dict:
     base, guide = LocalModel.load(pair.base), LocalModel.load(pair.guide)
-    nudging = compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens)
-    base_only = compose(method="base-only", base=base, max_tokens=max_tokens)
+    nudging = compose(method="nudging", base=base, guide=guide, max_tokens=pair.max_tokens)
+    base_only = compose(method="base-only", base=base, max_tokens=pair.max_tokens)
     passes = {"base": Passes(base.model), "guide": Passes(guide.model)}
     warm_up = [request_for("What is 2 + 3?"), request_for("What is 4 + 4?")]
     nudging.generate_batch(warm_up)  # first passes of each shape allocate; not counted
@@ -102,24 +73,16 @@ def run_pair(pair: Pair, questions: list[str], max_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="gemma,qwen", help=f"comma-separated, of: {', '.join(PAIRS)}")
-    parser.add_argument("--questions", type=int, help="questions per pair (default: per pair, 8 and 4)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: per pair, 64 and 48)")
+    add_pair_options(parser, PAIRS)
     args = parser.parse_args()
-    names = [name.strip() for name in args.pairs.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(PAIRS))
-    if unknown:
-        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(PAIRS)}")
+    chosen = chosen_pairs(parser, args, PAIRS)
     torch.set_num_threads(1)  # the machines are small and shared
     rows = datasets.load("gsm8k")
     started = time.perf_counter()
     report: dict = {"threads": 1, "pairs": {}}
-    for name in names:
-        pair = PAIRS[name]
-        count = args.questions or pair.questions
-        max_tokens = args.max_tokens or pair.max_tokens
-        result = run_pair(pair, [row["question"] for row in rows[:count]], max_tokens)
-        result.update(questions=count, max_tokens=max_tokens)
+    for name, pair in chosen.items():
+        result = run_pair(pair, [row["question"] for row in rows[:pair.questions]])
+        result.update(questions=pair.questions, max_tokens=pair.max_tokens)
         report["pairs"][name] = result
         print(json.dumps({name: result}), flush=True)
     report["ratio"] = {name: result["ratio"] for name, result in report["pairs"].items()}

@@ -35,9 +35,10 @@ from towline.models.base import Sampling
 from towline.models.local import LocalModel
 from towline.prompts import PromptRequest
 
+from common import request_for  # bench/, this script's folder
+
 MAX_TOKENS = 192
 SAMPLING = Sampling(temperature=0.7, top_k=50, seed=609)
-SYSTEM = "Answer the question by walking through the reasoning steps."
 QUESTIONS = [  # the first two GSM8K test questions
     "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
     "friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
@@ -84,7 +85,7 @@ def main() -> None:
                     "load_seconds": round(time.perf_counter() - started, 2)}
     scorer = TimedScorer(ImplicitValue(small, small))
     search = ChunkBeamSearch(w=2, k=2, l=30, max_tokens=MAX_TOKENS, scorer=scorer)
-    requests = [PromptRequest(question=q, system=SYSTEM, question_prefix="Question: ") for q in QUESTIONS]
+    requests = [request_for(q) for q in QUESTIONS]
     # Warm up both paths (first calls allocate and load kernels), then alternate the modes per
     # prompt so that a change in the machine's load hits both alike.
     ChunkBeamSearch(w=2, k=2, l=4, max_tokens=8, scorer=scorer).run(requests[1], {"base": Participant(base, SAMPLING)})

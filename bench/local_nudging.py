@@ -30,53 +30,23 @@ import io
 import json
 import pstats
 import time
-from dataclasses import dataclass
 
 import torch
 
 from towline.api import compose
 from towline.eval import datasets
 from towline.models.local import LocalModel
-from towline.prompts import PromptRequest
 
-SYSTEM = "Answer the question by walking through the reasoning steps."
-
-
-@dataclass(frozen=True)
-class Pair:
-    base: str
-    guide: str
-    questions: int
-    max_tokens: int
-
+from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for  # bench/, this script's folder
 
 # The Qwen base takes several times longer per token here: fewer, shorter answers keep each
 # pair within about five minutes.
-PAIRS = {
-    "gemma": Pair("gemma-3-270m", "smollm2-135m-instruct", questions=3, max_tokens=128),
-    "qwen": Pair("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", questions=2, max_tokens=64),
-}
+PAIRS = pairs(gemma=(3, 128), qwen=(2, 64))
 
 
-class Forwards:
-    """Counts forward passes of torch modules (one model's copies), by side."""
-
-    def __init__(self, *modules: torch.nn.Module) -> None:
-        self.counts: dict[str, int] = {}
-        self.side = ""
-        for module in modules:
-            module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args) -> None:
-        self.counts[self.side] = self.counts.get(self.side, 0) + 1
-
-
-def request_for(question: str) -> PromptRequest:
-    return PromptRequest(question=question, system=SYSTEM, question_prefix="Question: ")
-
-
-def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool) -> dict:
+def run_pair(pair: Pair, questions: list[str], *, profile: bool) -> dict:
     base, guide = LocalModel.load(pair.base), LocalModel.load(pair.guide)
+    max_tokens = pair.max_tokens
     sides = {"nudging": compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens)}
     base_copies = [base.model]
     if not profile:
@@ -87,11 +57,9 @@ def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool
         sides["base_only"] = compose(method="base-only", base=plain_base, max_tokens=max_tokens)
         sides["base_only_stock"] = compose(method="base-only", base=stock_base, max_tokens=max_tokens)
         sides["base_only_drafted"] = compose(method="base-only", base=base, max_tokens=max_tokens)
-    counters = {"base": Forwards(*base_copies), "guide": Forwards(guide.model)}
+    counters = {"base": Passes(*base_copies), "guide": Passes(guide.model)}
     for aligned in sides.values():  # warm-up: first passes allocate; not counted
         aligned.generate(request_for("What is 2 + 3?"))
-    for counter in counters.values():
-        counter.counts.clear()
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -105,19 +73,21 @@ def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool
                 "tokens_per_second": round(tokens / sum(r.seconds for r in results), 3)}
 
     results: dict[str, list] = {side: [] for side in sides}
+    passes = {side: dict.fromkeys(counters, 0) for side in sides}
     for question in questions:
         for side, aligned in sides.items():
-            for counter in counters.values():
-                counter.side = side
+            before = {name: counter.count for name, counter in counters.items()}
             results[side].append(aligned.generate(request_for(question)))
+            for name, counter in counters.items():
+                passes[side][name] += counter.count - before[name]
     report: dict = {"base": pair.base, "guide": pair.guide}
     for side, side_results in results.items():
         tokens = sum(r.tokens for r in side_results)
         seconds = sum(r.seconds for r in side_results)
         entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 3),
-                 "base_forwards_per_token": round(counters["base"].counts.get(side, 0) / tokens, 3)}
+                 "base_forwards_per_token": round(passes[side]["base"] / tokens, 3)}
         if side == "nudging":
-            entry["guide_forwards_per_token"] = round(counters["guide"].counts.get(side, 0) / tokens, 3)
+            entry["guide_forwards_per_token"] = round(passes[side]["guide"] / tokens, 3)
             entry["guide_token_fraction"] = round(sum(r.guide_tokens for r in side_results) / tokens, 3)
             entry["rounds_per_answer"] = round(sum(len(r.rounds) for r in side_results) / len(side_results), 1)
         report[side] = entry
@@ -134,26 +104,17 @@ def run_pair(pair: Pair, questions: list[str], *, max_tokens: int, profile: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="gemma,qwen", help=f"comma-separated, of: {', '.join(PAIRS)}")
-    parser.add_argument("--questions", type=int, help="questions per pair (default: per pair, 3 and 2)")
-    parser.add_argument("--max-tokens", type=int, help="tokens per answer (default: per pair, 128 and 64)")
+    add_pair_options(parser, PAIRS)
     parser.add_argument("--profile", action="store_true", help="profile nudging instead of timing both sides")
     args = parser.parse_args()
-    names = [name.strip() for name in args.pairs.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(PAIRS))
-    if unknown:
-        parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(PAIRS)}")
+    chosen = chosen_pairs(parser, args, PAIRS)
     torch.set_num_threads(1)  # the machines are small and shared
     rows = datasets.load("gsm8k")
     started = time.perf_counter()
     report: dict = {"threads": 1, "pairs": {}}
-    for name in names:
-        pair = PAIRS[name]
-        count = args.questions or pair.questions
-        max_tokens = args.max_tokens or pair.max_tokens
-        result = run_pair(pair, [row["question"] for row in rows[:count]], max_tokens=max_tokens,
-                          profile=args.profile)
-        result.update(questions=count, max_tokens=max_tokens)
+    for name, pair in chosen.items():
+        result = run_pair(pair, [row["question"] for row in rows[:pair.questions]], profile=args.profile)
+        result.update(questions=pair.questions, max_tokens=pair.max_tokens)
         report["pairs"][name] = result
         print(json.dumps({name: result}), flush=True)
     if not args.profile:

@@ -119,6 +119,20 @@ def test_draws_follow_the_warped_distribution():
         torch.testing.assert_close(frequencies, expected.double(), atol=0.015, rtol=0)
 
 
+@settings(max_examples=100, deadline=None)
+@given(scores=st.lists(st.integers(-300, 300), min_size=2, max_size=40, unique=True)  # no ties, also once warped
+       .map(lambda xs: torch.tensor([xs, xs[::-1]]) / 10),
+       k=st.integers(1, 40), top_p=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 2**31))
+def test_a_draw_among_the_listed_top_k_is_the_draw_over_the_whole_row(scores, k, top_p, seed):
+    """What a beam search over a server's top log-probs relies on: holding only the k best,
+    best first, draws what holding the whole vocabulary draws, with the same seed."""
+    k = min(k, scores.shape[1])
+    sampling = Sampling(temperature=0.8, top_k=k, top_p=top_p, seed=seed)
+    best = scores.topk(k, dim=-1)
+    among_listed = best.indices.gather(-1, choose(best.values, sampling, generator(sampling))[:, None])
+    assert among_listed.squeeze(-1).tolist() == choose(scores, sampling, generator(sampling)).tolist()
+
+
 def test_an_unseeded_generator_is_fresh_each_time():
     scores = torch.zeros(1, 1000)
     sampling = Sampling(temperature=1.0)

@@ -35,6 +35,15 @@ def test_a_packed_model_computes_what_the_stock_one_does(tiny_base, smollm2_toke
     assert [s.token.id for s in texts[1].steps] == [s.token.id for s in texts[0].steps]
 
 
+@pytest.mark.parametrize("shape", [(0,), (1,), (2,), (3,), (4,), (6,), (1, 1), (1, 3), (2, 1), (2, 3, 2)])
+def test_few_rows_are_padded_and_come_back_in_their_shape(shape):
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(*shape, 16)
+    got = PackedLinear.of(layer)(x)
+    assert got.shape == (*shape, 8)
+    assert torch.allclose(got, layer(x), atol=1e-5)
+
+
 def test_only_float32_linear_layers_of_their_own_type_are_packed():
     class Custom(torch.nn.Linear):
         pass

@@ -36,7 +36,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from towline.methods.base import (BASE, Method, OnText, OptionError, Participant, Result, Role, option,
@@ -282,21 +281,11 @@ def _search(method: _Search, request: PromptRequest, base: Participant, scorer: 
 
 def _sample(distributions: Sequence[Distribution], sampling: Sampling,
             rng: torch.Generator | None) -> list[Token]:
-    """One token per row, drawn with ``sampling`` from the rows' distributions.
-
-    With the full vocabulary (local weights) the draw is over it, exactly as plain sampling
-    draws, restricted to the listed top tokens (top-k keeps only those anyway; this only
-    settles exact ties at the k-th place) so that the drawn token's text is known. Without
-    it (servers) the draw is over the listed tokens.
+    """One token per row, drawn with ``sampling`` among the rows' listed top tokens (the base
+    lists its top-k). Local weights list the same tokens in the same order as their own
+    sampled decoding draws among (:func:`towline.sampling.draw`), so one candidate is plain
+    sampling, draw for draw; the whole vocabulary is never needed.
     """
-    if all(d.full is not None for d in distributions):
-        scores = torch.from_numpy(np.stack([d.full for d in distributions]))
-        listed = torch.full_like(scores, -torch.inf)
-        for row, d in enumerate(distributions):
-            ids = torch.tensor([t.id for t in d.top])
-            listed[row, ids] = scores[row, ids]
-        chosen = choose(listed, sampling, rng).tolist()
-        return [next(t for t in d.top if t.id == i) for d, i in zip(distributions, chosen)]
     width = max(len(d.top) for d in distributions)
     scores = torch.full((len(distributions), width), -torch.inf)
     for row, d in enumerate(distributions):

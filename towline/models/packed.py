@@ -6,17 +6,23 @@ and nudging's checks feed a few tokens per pass, so that cost decides whether a 
 oneDNN, with each weight matrix reordered once into its own blocked layout (what
 ``torch.compile`` does to frozen weights on CPU), takes those rows for about the time of one.
 
-Measured on one AVX-512 core, a whole forward pass over 200 cached tokens, in units of a
-one-token pass of the same model with stock layers (docs/speed.md):
+oneDNN's kernels for one to three rows are slower than its kernel for four, on a layer too
+large for the CPU's caches (all of a model's layers, one after the other, are): gemma-3-270m's
+output layer (640 x 262,144) takes 41, 50, 34 and 31 ms for 1, 2, 3 and 4 rows, one thread. So
+fewer than :data:`FEWEST_ROWS` rows are padded with zeros up to it: a row's output does not
+depend on the other rows of a product, and the padding's outputs are dropped.
 
-====================  =====  =====  =====  =====
-tokens in the pass        1      2      4      8
-====================  =====  =====  =====  =====
-stock (MKL)            1.00   1.94   1.76   2.02
-packed (oneDNN)        0.85   1.08   0.73   0.96
-====================  =====  =====  =====  =====
+Measured on one AVX-512 core (``python bench/pass_cost.py``), a whole forward pass over 200
+cached tokens, in units of a one-token pass of the same model with stock layers:
 
-(gemma-3-270m; SmolLM2-135M and the Qwen2.5-Coder models fall alike.)
+====================  =====  =====  =====  =====  =====
+tokens in the pass        1      2      3      4      8
+====================  =====  =====  =====  =====  =====
+stock (MKL)            1.00   2.01   2.75   1.80   2.06
+packed (oneDNN)        0.72   0.75   0.77   0.74   0.95
+====================  =====  =====  =====  =====  =====
+
+(gemma-3-270m; SmolLM2-135M and the Qwen2.5-Coder models fall alike: docs/speed.md.)
 
 >>> layer = torch.nn.Linear(8, 4)
 >>> model = torch.nn.Sequential(layer)
@@ -32,6 +38,9 @@ from __future__ import annotations
 import functools
 
 import torch
+
+FEWEST_ROWS = 4
+"""Fewer input rows than this are padded up to it (oneDNN's fastest small kernel)."""
 
 
 class PackedLinear(torch.nn.Module):
@@ -54,6 +63,14 @@ class PackedLinear(torch.nn.Module):
         return cls(packed, bias, in_features=linear.in_features, out_features=linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows >= FEWEST_ROWS:
+            return self._product(x)
+        flat = x.reshape(rows, self.in_features)
+        padded = torch.cat([flat, flat.new_zeros(FEWEST_ROWS - rows, self.in_features)])
+        return self._product(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
