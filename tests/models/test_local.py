@@ -377,6 +377,26 @@ def test_decode_state_reorder_matches_fresh_states(fresh):
         np.testing.assert_allclose(g.full, w.full, atol=TOLERANCE)
 
 
+def test_rows_of_one_prompt_read_it_once_and_each_decodes_as_alone(fresh):
+    shapes = []
+    hook = fresh.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        state = fresh.open([PROMPTS[0]] * 3)
+    finally:
+        hook.remove()
+    assert shapes == [(1, len(ids_of(fresh, PROMPTS[0])))]
+    # Each row takes another of the best tokens, and goes on as a state of its own would.
+    first = state.next(top_logprobs=3)
+    chosen = list(first[0].top)
+    state.append(chosen)
+    for row, token in enumerate(chosen):
+        np.testing.assert_allclose(first[row].full, first[0].full, atol=1e-6)
+        alone = fresh.open([PROMPTS[0]])
+        alone.append([token])
+        np.testing.assert_allclose(state.next()[row].full, alone.next()[0].full, atol=TOLERANCE)
+
+
 def test_decode_state_needs_token_ids(fresh):
     state = fresh.open([PROMPTS[0]])
     with pytest.raises(ValueError):

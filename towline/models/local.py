@@ -107,8 +107,15 @@ class _Batch:
         """Read ``rows`` in one forward pass, keeping the logits of each row's last ``keep``
         positions in ``recent`` (more than one: a prompt read together with a draft)."""
         self.owner = owner
+        # Rows of one prompt (a search's candidates) read it once, then copy its cache.
+        read = rows[:1] if all(r == rows[0] for r in rows) else rows
+        self._read(read, keep)
+        if len(read) < len(rows):
+            self.reorder([0] * len(rows))
+
+    def _read(self, rows: list[list[int]], keep: int) -> None:
         self.fed = [list(r) for r in rows]  # ids whose keys/values are in the cache
-        reused = owner._reusable_prefix(rows[0], keep) if len(rows) == 1 else None
+        reused = self.owner._reusable_prefix(rows[0], keep) if len(rows) == 1 else None
         if reused is not None:
             start, self.cache = reused
             self.mask = torch.ones(1, len(rows[0]), dtype=torch.long)
@@ -117,7 +124,7 @@ class _Batch:
             self.recent = [list(self._forward(new_ids, positions, keep)[0])]
             return
         width = max(len(r) for r in rows)
-        pad = owner.pad_id
+        pad = self.owner.pad_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         self.mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
