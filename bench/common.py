@@ -5,6 +5,7 @@ Python puts this folder on the path)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,8 @@ def chosen_pairs(parser: argparse.ArgumentParser, args: argparse.Namespace,
     unknown = sorted(set(names) - set(defaults))
     if unknown:
         parser.error(f"unknown pair(s) {', '.join(unknown)}: choose from {', '.join(defaults)}")
-    return {name: Pair(defaults[name].base, defaults[name].guide, args.questions or defaults[name].questions,
-                       args.max_tokens or defaults[name].max_tokens) for name in names}
+    return {name: dataclasses.replace(defaults[name], questions=args.questions or defaults[name].questions,
+                                      max_tokens=args.max_tokens or defaults[name].max_tokens) for name in names}
 
 
 class Passes:
