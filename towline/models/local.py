@@ -114,6 +114,8 @@ class _Batch:
             self.reorder([0] * len(rows))
 
     def _read(self, rows: list[list[int]], keep: int) -> None:
+        """The forward pass over ``rows`` (left-padded), or over what a single row adds to a
+        cached prefix it shares with an earlier call."""
         self.fed = [list(r) for r in rows]  # ids whose keys/values are in the cache
         reused = self.owner._reusable_prefix(rows[0], keep) if len(rows) == 1 else None
         if reused is not None:
