@@ -20,16 +20,12 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import torch
-
 from towline.api import compose
-from towline.eval import datasets
 from towline.models.local import LocalModel
 
-from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for  # bench/, this script's folder
+from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for, run_pairs  # bench/, this script's folder
 
 PAIRS = pairs(gemma=(8, 64), qwen=(4, 48))
 
@@ -76,18 +72,7 @@ def main() -> None:
     add_pair_options(parser, PAIRS)
     args = parser.parse_args()
     chosen = chosen_pairs(parser, args, PAIRS)
-    torch.set_num_threads(1)  # the machines are small and shared
-    rows = datasets.load("gsm8k")
-    started = time.perf_counter()
-    report: dict = {"threads": 1, "pairs": {}}
-    for name, pair in chosen.items():
-        result = run_pair(pair, [row["question"] for row in rows[:pair.questions]])
-        result.update(questions=pair.questions, max_tokens=pair.max_tokens)
-        report["pairs"][name] = result
-        print(json.dumps({name: result}), flush=True)
-    report["ratio"] = {name: result["ratio"] for name, result in report["pairs"].items()}
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report))
+    run_pairs(chosen, run_pair)
 
 
 if __name__ == "__main__":

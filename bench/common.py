@@ -1,15 +1,19 @@
-"""What the GSM8K speed benchmarks share: the request they ask, the model pairs they run, and
-a count of forward passes. Imported by the scripts beside it (run as ``python bench/NAME.py``,
-Python puts this folder on the path)."""
+"""What the GSM8K speed benchmarks share: the request they ask, the model pairs they run (and
+the loop that runs them), and a count of forward passes. Imported by the scripts beside it (run
+as ``python bench/NAME.py``, Python puts this folder on the path) and by the speed tests."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from towline.eval import datasets
 from towline.prompts import PromptRequest
 
 SYSTEM = "Answer the question by walking through the reasoning steps."
@@ -61,13 +65,36 @@ def chosen_pairs(parser: argparse.ArgumentParser, args: argparse.Namespace,
                                       max_tokens=args.max_tokens or defaults[name].max_tokens) for name in names}
 
 
+def run_pairs(chosen: dict[str, Pair], run: Callable[[Pair, list[str]], dict]) -> None:
+    """``run(pair, questions)`` for each pair, on its first GSM8K questions, one thread; prints
+    each pair's result as it comes, then the whole report (with each pair's ``ratio``, where
+    its result has one) as the last line."""
+    torch.set_num_threads(1)  # the machines are small and shared
+    rows = datasets.load("gsm8k")
+    started = time.perf_counter()
+    report: dict = {"threads": 1, "pairs": {}}
+    for name, pair in chosen.items():
+        result = run(pair, [row["question"] for row in rows[: pair.questions]])
+        result.update(questions=pair.questions, max_tokens=pair.max_tokens)
+        report["pairs"][name] = result
+        print(json.dumps({name: result}), flush=True)
+    ratios = {name: result["ratio"] for name, result in report["pairs"].items() if "ratio" in result}
+    if ratios:
+        report["ratio"] = ratios
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report))
+
+
 class Passes:
-    """Counts the forward passes of torch modules (one model and its copies)."""
+    """Counts the forward passes of torch modules (one model and its copies, or several)."""
 
     def __init__(self, *modules: torch.nn.Module) -> None:
         self.count = 0
-        for module in modules:
-            module.register_forward_pre_hook(self._hook)
+        self._handles = [module.register_forward_pre_hook(self._hook) for module in modules]
 
     def _hook(self, module, args) -> None:
         self.count += 1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
-import json
 import pstats
-import time
-
-import torch
 
 from towline.api import compose
-from towline.eval import datasets
 from towline.models.local import LocalModel
 
-from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for  # bench/, this script's folder
+from common import Pair, Passes, add_pair_options, chosen_pairs, pairs, request_for, run_pairs  # bench/, this script's folder
 
 # The Qwen base takes several times longer per token here: fewer, shorter answers keep each
 # pair within about five minutes.
@@ -108,19 +104,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile nudging instead of timing both sides")
     args = parser.parse_args()
     chosen = chosen_pairs(parser, args, PAIRS)
-    torch.set_num_threads(1)  # the machines are small and shared
-    rows = datasets.load("gsm8k")
-    started = time.perf_counter()
-    report: dict = {"threads": 1, "pairs": {}}
-    for name, pair in chosen.items():
-        result = run_pair(pair, [row["question"] for row in rows[:pair.questions]], profile=args.profile)
-        result.update(questions=pair.questions, max_tokens=pair.max_tokens)
-        report["pairs"][name] = result
-        print(json.dumps({name: result}), flush=True)
-    if not args.profile:
-        report["ratio"] = {name: result["ratio"] for name, result in report["pairs"].items()}
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report))
+    run_pairs(chosen, functools.partial(run_pair, profile=args.profile))
 
 
 if __name__ == "__main__":
