@@ -16,13 +16,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 from near_ties import Recorded, assert_same_up_to_a_near_tie
 
+from bench.common import Passes, request_for  # the speed benchmarks' request and pass count
 from towline.methods.base import Participant
 from towline.methods.nudging import Nudging, nudge
 from towline.models.local import LocalModel
-from towline.prompts import PromptRequest
 
 pytestmark = pytest.mark.real_models
 
@@ -38,28 +37,8 @@ QUESTIONS = [
 THREE_QUESTIONS = [*QUESTIONS, "What is 12 + 30? Explain."]
 
 
-class Passes:
-    """Counts forward passes of torch modules."""
-
-    def __init__(self, *modules: torch.nn.Module) -> None:
-        self.count = 0
-        self._handles = [m.register_forward_pre_hook(self._hook) for m in modules]
-
-    def _hook(self, module, args) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def plain(model: LocalModel) -> LocalModel:
     return LocalModel(model.model, model.tokenizer, name=model.name, reuse_prefix=False, draft=False)
-
-
-def request_for(question: str) -> PromptRequest:
-    return PromptRequest(question=question, system="Answer the question by walking through the reasoning steps.",
-                         question_prefix="Question: ")
 
 
 def assert_fast_path_is_plain_up_to_a_near_tie(base: LocalModel, guide: LocalModel, question: str,

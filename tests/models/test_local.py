@@ -31,20 +31,21 @@ log-probs reach -40, where that is ~4e-4."""
 
 
 class ForwardCounter:
-    """Counts the forward calls of a torch module and the input tokens (per row) they saw."""
+    """Counts the forward calls of a torch module, the input tokens (per row) and the rows
+    they saw."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        self.tokens = 0
+        self.calls = self.tokens = self.rows = 0
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.calls += 1
         self.tokens += ids.shape[-1]
+        self.rows += ids.shape[0]
 
     def reset(self) -> None:
-        self.calls = self.tokens = 0
+        self.calls = self.tokens = self.rows = 0
 
     def remove(self) -> None:
         self._handle.remove()
@@ -378,14 +379,12 @@ def test_decode_state_reorder_matches_fresh_states(fresh):
 
 
 def test_rows_of_one_prompt_read_it_once_and_each_decodes_as_alone(fresh):
-    shapes = []
-    hook = fresh.model.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    counter = ForwardCounter(fresh.model)
     try:
         state = fresh.open([PROMPTS[0]] * 3)
     finally:
-        hook.remove()
-    assert shapes == [(1, len(ids_of(fresh, PROMPTS[0])))]
+        counter.remove()
+    assert (counter.calls, counter.rows, counter.tokens) == (1, 1, len(ids_of(fresh, PROMPTS[0])))
     # Each row takes another of the best tokens, and goes on as a state of its own would.
     first = state.next(top_logprobs=3)
     chosen = list(first[0].top)
