@@ -18,7 +18,9 @@ give the same rounds and texts. Counted per answer, for each implementation:
 - ``received``: generated tokens that came back to the client.
 
 ``ratio`` is towline's figure divided by the transcription's, for requests and for generated
-tokens (the target is 0.5 or less for both).
+tokens (the target is 0.5 or less for both). ``ratio_adaptive`` is the same for towline with
+``adapt_proposals`` (off the rules: each guide proposal as long as the base needed of the last
+one, plus two tokens), whose answers may differ: ``adaptive_same_texts`` says which did not.
 
 The models are SmolLM2-135M-Instruct for both roles, on a plain prompt as the base and on its
 chat prompt as the guide, as tests/methods/test_nudging_spec.py does: the bundled base,
@@ -113,8 +115,9 @@ def main() -> None:
     requests = [request_for(row["question"]) for row in datasets.load("gsm8k")[: args.questions]]
     options = dict(max_tokens=args.max_tokens)
     totals = {name: {"requests": 0, "generated": 0, "received": 0, "seconds": 0.0}
-              for name in ("towline", "transcription")}
+              for name in ("towline", "transcription", "adaptive")}
     answers = []
+    adaptive_same_texts = []
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="towline-bench-")))
         servers = {role: Server(gguf, folder, role) for role in ("base", "guide")}
@@ -125,7 +128,7 @@ def main() -> None:
         tokenizers = {"towline": str(registry.local_weights(MODEL)), "transcription": None}
         pairs = {name: {role: OpenAIModel(MODEL, base_urls=[servers[role].url], max_retries=0,
                                           tokenizer=tokenizers[name])
-                        for role in ("base", "guide")} for name in totals}
+                        for role in ("base", "guide")} for name in ("towline", "transcription")}
         for pair in pairs.values():
             for model in pair.values():
                 stack.callback(model.close)
@@ -148,9 +151,13 @@ def main() -> None:
             if not same:
                 raise SystemExit(f"the implementations differ on {request.question!r}:\n"
                                  f"towline: {result.rounds}\ntranscription: {spec.rounds}")
+            adaptive, adaptive_cost = measure(servers, ours, lambda: nudge(
+                base=ours["base"], guide=ours["guide"], request=request, guide_template="chatml",
+                adapt_proposals=True, **options))
+            adaptive_same_texts.append(adaptive.text == result.text)
             answers.append({"rounds": len(result.rounds), "tokens": result.tokens, "stop_reason": result.stop_reason,
-                            "towline": our_cost, "transcription": their_cost})
-            for name, cost in (("towline", our_cost), ("transcription", their_cost)):
+                            "towline": our_cost, "transcription": their_cost, "adaptive": adaptive_cost})
+            for name, cost in (("towline", our_cost), ("transcription", their_cost), ("adaptive", adaptive_cost)):
                 totals[name]["seconds"] += cost["seconds"]
                 for key in ("requests", "generated", "received"):
                     totals[name][key] += cost["base"][key] + cost["guide"][key]
@@ -161,6 +168,9 @@ def main() -> None:
         "model": MODEL, "questions": len(answers), "max_tokens": args.max_tokens, "identical_texts": True,
         "ratio": {key: round(totals["towline"][key] / totals["transcription"][key], 3)
                   for key in ("requests", "generated")},
+        "ratio_adaptive": {key: round(totals["adaptive"][key] / totals["transcription"][key], 3)
+                           for key in ("requests", "generated")},
+        "adaptive_same_texts": adaptive_same_texts,
         "per_answer": per_answer, "answers": answers,
     }))
 

@@ -10,16 +10,19 @@ base model and the same plain base prompt, in one process, one thread, question 
 
 - ``nudging``: the base nudged by the guide (gamma 0.4, 16-token chunks), as ``LocalModel.load``
   sets models up (linear layers packed for the CPU, drafts checked);
+- ``nudging_adaptive``: the same with ``adapt_proposals`` (off the rules: each proposal as long
+  as the base needed of the last one, plus two tokens);
 - ``base_only``: the base alone, plain greedy decoding (a forward pass a token, as
   ``model.generate`` does), on the same packed layers;
 - ``base_only_stock``: the same on PyTorch's stock layers (``pack=False``: what
   transformers runs);
 - ``base_only_drafted``: the base alone on towline's fast path, for comparison.
 
-``ratio`` = nudging's output tokens/s ÷ the faster of the two plain base-alone sides'. Forward
-passes of each model per output token are counted too. The last line printed is one JSON
-object. With ``--profile``, nudging alone runs under cProfile and the top entries are printed
-instead of a ratio.
+``ratio`` = nudging's output tokens/s ÷ the faster of the two plain base-alone sides'
+(``ratio_adaptive`` likewise, with ``adaptive_same_texts``: whether its answers were the rules'
+answers). Forward passes of each model per output token are counted too. The last line printed
+is one JSON object. With ``--profile``, nudging alone runs under cProfile and the top entries
+are printed instead of a ratio.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def run_pair(pair: Pair, questions: list[str], *, profile: bool) -> dict:
         plain_base = LocalModel(base.model, base.tokenizer, name=pair.base, draft=False)
         stock_base = LocalModel.load(pair.base, pack=False, draft=False)
         base_copies.append(stock_base.model)
+        sides["nudging_adaptive"] = compose(method="nudging", base=base, guide=guide, max_tokens=max_tokens,
+                                            adapt_proposals=True)
         sides["base_only"] = compose(method="base-only", base=plain_base, max_tokens=max_tokens)
         sides["base_only_stock"] = compose(method="base-only", base=stock_base, max_tokens=max_tokens)
         sides["base_only_drafted"] = compose(method="base-only", base=base, max_tokens=max_tokens)
@@ -82,13 +87,15 @@ def run_pair(pair: Pair, questions: list[str], *, profile: bool) -> dict:
         seconds = sum(r.seconds for r in side_results)
         entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 3),
                  "base_forwards_per_token": round(passes[side]["base"] / tokens, 3)}
-        if side == "nudging":
+        if side.startswith("nudging"):
             entry["guide_forwards_per_token"] = round(passes[side]["guide"] / tokens, 3)
             entry["guide_token_fraction"] = round(sum(r.guide_tokens for r in side_results) / tokens, 3)
             entry["rounds_per_answer"] = round(sum(len(r.rounds) for r in side_results) / len(side_results), 1)
         report[side] = entry
     plain = max(report["base_only"]["tokens_per_second"], report["base_only_stock"]["tokens_per_second"])
     report["ratio"] = round(report["nudging"]["tokens_per_second"] / plain, 3)
+    report["ratio_adaptive"] = round(report["nudging_adaptive"]["tokens_per_second"] / plain, 3)
+    report["adaptive_same_texts"] = [a.text == b.text for a, b in zip(results["nudging_adaptive"], results["nudging"])]
     report["ratio_to_stock_base"] = round(
         report["nudging"]["tokens_per_second"] / report["base_only_stock"]["tokens_per_second"], 3)
     report["ratio_to_drafted_base"] = round(

@@ -497,6 +497,47 @@ def test_one_word_proposal_is_accepted_whole_without_the_base():
     assert result.text == "  HelloWorld" and result.guide_token_fraction == 1.0
 
 
+class CutGuide(ScriptedGuide):
+    """A guide whose next text is ``rule(prompt)`` (None: it ends its answer), cut to the tokens
+    asked for; records how many were asked for."""
+
+    def __init__(self, rule: Callable[[str], str | None]) -> None:
+        super().__init__([])
+        self.rule = rule
+        self.asked_for: list[int] = []
+
+    def complete(self, prompts, *, max_tokens, sampling=GREEDY, top_logprobs=1, stop=(), lookup=()):
+        (prompt,) = prompts
+        self.asked_for.append(max_tokens)
+        text = self.rule(prompt)
+        if text is None:
+            return [Completion("", [], "end")]
+        tokens = word_tokens(text)[:max_tokens]
+        steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
+        return [Completion("".join(tokens), steps, "length")]
+
+
+@pytest.mark.parametrize("ready_at_B, adapted_asks", [(True, [16, 4, 4]), (False, [16, 4, 16, 16])])
+def test_adapted_proposals_ask_for_what_the_base_needed_plus_slack(ready_at_B, adapted_asks):
+    lower = " " + " ".join("abcdefghijklmnop")
+    upper = lower.upper()
+    # Round 1: the base is ready at " b", the second word: 2 tokens needed, so 2 + 2 are asked
+    # for next. Round 2 ends the answer unless its base phase ends at " B" when ready there;
+    # else the base is ready nowhere in the short proposal, which is asked for again, whole.
+    guide = CutGuide(lambda prompt: None if prompt.endswith((" O", " B")) else upper if prompt.endswith(" b") else lower)
+    table = {" a": (" b", HIGH), " A": (" B", HIGH)} if ready_at_B else {" a": (" b", HIGH)}
+    texts = {}
+    for adapt in (False, True):
+        guide.asked_for = []
+        result = run(ScriptedBase(rules(table, default=(" z", LOW))), guide, adapt_proposals=adapt)
+        assert guide.asked_for == (adapted_asks if adapt else [16] * 3)
+        assert result.stop_reason == "guide_stop"
+        texts[adapt] = pairs(result)
+    # The whole proposal's outcome, either way.
+    assert texts[True] == texts[False]
+    assert texts[True][1] == ((" A", " B") if ready_at_B else (upper.rsplit(" ", 1)[0], ""))
+
+
 def test_empty_words_are_accepted_without_asking():
     base = ScriptedBase(rules({}, default=(" x", LOW)))
     result = run(base, ScriptedGuide(["Hello  world there"]))

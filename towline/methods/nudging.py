@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from towline.methods.base import (BASE, GUIDE, Method, OnText, Participant, Result, Role, between, option, positive,
                                   register)
-from towline.models.base import GREEDY, SEED_LIMIT, Model, ModelError, Sampling, Step
+from towline.models.base import GREEDY, SEED_LIMIT, Completion, Model, ModelError, Sampling, Step
 from towline.models.together import run_together
 from towline.prompts import PromptRequest
 
@@ -38,6 +38,9 @@ REPEATED_NUDGE_ROUNDS = 4
 """The answer stops when the same nudging words would come this many rounds in a row."""
 LOOKUP_PROPOSALS = 8
 """How many of the guide's latest proposals the models may draft from."""
+PROPOSAL_SLACK = 2
+"""With ``adapt_proposals``, a proposal is this many tokens longer than what the base needed
+of the previous one."""
 
 
 @dataclass
@@ -83,6 +86,9 @@ class Nudging(Method):
     guide_chunk: int = option(16, "Tokens per guide proposal.")
     base_chunk: int = option(16, "Tokens per base chunk.")
     max_rounds: int = option(150, "Most nudging rounds.")
+    adapt_proposals: bool = option(False, "Faster, off the rules: each guide proposal is as long as the base "
+                                          f"needed of the last one, plus {PROPOSAL_SLACK} tokens, up to guide_chunk "
+                                          "(docs/nudging.md).")
 
     def check(self) -> None:
         between(self, "gamma", 0.0, 1.0)
@@ -186,6 +192,8 @@ class _Run:
         self.out = ""
         self.rounds: list[Round] = []
         self.guide_tokens = self.base_tokens = 0
+        self.proposal_length = options.guide_chunk
+        """Tokens to ask the guide for (less than ``guide_chunk`` only with ``adapt_proposals``)."""
         self.proposals: list[str] = []
         """The guide's latest proposals, newest first: both models often go on to write what
         they say, so a backend that drafts (:meth:`Model.stream`'s ``lookup``) drafts from them."""
@@ -270,17 +278,23 @@ class _Run:
         words would come a fourth round in a row: then nothing is appended), the open base
         stream and its first step when a base phase follows, and the stop reason the round
         already has ("" for none)."""
-        self.calls["guide"] += 1
-        stop = [self.guide_prompt.end_of_turn] if self.guide_prompt.end_of_turn else []
-        proposal = self.guide.model.complete(
-            [self.guide_prompt.text + self.out], max_tokens=self.options.guide_chunk,
-            sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop, lookup=self.proposals)[0]
-        self.generated["guide"] += len(proposal.steps)
-        self.proposals = [proposal.text, *self.proposals[:LOOKUP_PROPOSALS - 1]]
-        if proposal.finish_reason in ("end", "stop"):
-            current, cut = self._append_words(proposal.text)
-            return current, None, "length" if cut else "guide_stop"
-        words, first = self._accept_words(split_words(proposal.text))
+        length = self.proposal_length
+        while True:
+            proposal = self._propose(length)
+            if proposal.finish_reason in ("end", "stop"):
+                current, cut = self._append_words(proposal.text)
+                return current, None, "length" if cut else "guide_stop"
+            proposed = split_words(proposal.text)
+            words, first, ready = self._accept_words(proposed)
+            if ready or length == self.options.guide_chunk:
+                break
+            # A proposal cut short (adapt_proposals) that the base was ready nowhere in: the
+            # whole one would offer more words, or a longer first word. Ask for it.
+            length = self.options.guide_chunk
+        if self.options.adapt_proposals:
+            # What the base needed: its nudging words and the word it was ready at, or all.
+            looked_at = len(split_words(words)) + 1 if ready else len(proposed)
+            self._adapt_proposal_length(proposal, len(" ".join(proposed[:looked_at])))
         recent = [r.nudging_words for r in self.rounds[1 - REPEATED_NUDGE_ROUNDS:]]
         if len(recent) == REPEATED_NUDGE_ROUNDS - 1 and all(w == words for w in recent):
             if first is not None:
@@ -297,6 +311,28 @@ class _Run:
             first = None
         current, cut = self._append_words(words)
         return current, first, "length" if cut else ""
+
+    def _propose(self, max_tokens: int) -> Completion:
+        """Step 1: the guide's proposal of up to ``max_tokens`` tokens."""
+        self.calls["guide"] += 1
+        stop = [self.guide_prompt.end_of_turn] if self.guide_prompt.end_of_turn else []
+        proposal = self.guide.model.complete(
+            [self.guide_prompt.text + self.out], max_tokens=max_tokens,
+            sampling=_nth_call(self.guide.sampling, self.calls["guide"]), stop=stop, lookup=self.proposals)[0]
+        self.generated["guide"] += len(proposal.steps)
+        self.proposals = [proposal.text, *self.proposals[:LOOKUP_PROPOSALS - 1]]
+        return proposal
+
+    def _adapt_proposal_length(self, proposal: Completion, needed: int) -> None:
+        """Ask next for the tokens that gave this proposal's first ``needed`` characters, plus
+        :data:`PROPOSAL_SLACK`, up to ``guide_chunk``."""
+        tokens = covered = 0
+        for step in proposal.steps:
+            if covered >= needed:
+                break
+            tokens += 1
+            covered += len(step.token.text)
+        self.proposal_length = min(self.options.guide_chunk, tokens + PROPOSAL_SLACK)
 
     def _surely_fits(self, words: str) -> bool:
         """Whether ``words`` leave room for a whole first base chunk, whatever their count.
@@ -324,9 +360,9 @@ class _Run:
         self.guide_tokens += self.count_tokens(words)
         return Round(words), cut
 
-    def _accept_words(self, words: list[str]) -> tuple[str, tuple[BaseStream, Step] | None]:
-        """Step 2: the nudging words and, when the base is ready and has a token, its open
-        stream with that first token.
+    def _accept_words(self, words: list[str]) -> tuple[str, tuple[BaseStream, Step] | None, bool]:
+        """Step 2: the nudging words, the base's open stream with its first token when it is
+        ready and has one, and whether it was ready.
 
         Words that might not leave room for the base's first chunk are counted before the
         stream opens: a server may serve one request at a time (llama.cpp cancels an open
@@ -340,14 +376,14 @@ class _Run:
                 stream = self._base_stream(self.out + text, self.options.base_chunk)
                 step = next(stream, None)
                 if step is None:  # the base's answer here is its end of text: ready, no base phase
-                    return text, None
+                    return text, None, True
                 # The token the base takes there (its greedy token when greedy) must start the word.
                 if (" " + words[i]).startswith(step.token.text) or step.top1_prob >= self.options.gamma:
-                    return text, (stream, step)
+                    return text, (stream, step), True
                 stream.close()
             if i < len(words) - 1:  # the last word may be cut mid-word: never accepted
                 accepted.append(words[i])
-        return " ".join(accepted), None
+        return " ".join(accepted), None, False
 
     def _base_stream(self, text: str, limit: int) -> BaseStream:
         self.calls["base"] += 1
