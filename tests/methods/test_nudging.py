@@ -521,9 +521,10 @@ class CutGuide(ScriptedGuide):
 def test_adapted_proposals_ask_for_what_the_base_needed_plus_slack(ready_at_B, adapted_asks):
     lower = " " + " ".join("abcdefghijklmnop")
     upper = lower.upper()
-    # Round 1: the base is ready at " b", the second word: 2 tokens needed, so 2 + 2 are asked
-    # for next. Round 2 ends the answer unless its base phase ends at " B" when ready there;
-    # else the base is ready nowhere in the short proposal, which is asked for again, whole.
+    # Round 1 (16 tokens asked): the base is ready at " b", the second word, so the 2 tokens it
+    # needed and 2 more are asked for next. Round 2: the base is ready at " B" (4 asked, 4
+    # next), or nowhere in those 4 tokens, so the whole 16 are asked for again (and next, as
+    # the base needed all of them). Round 3: the guide ends its answer.
     guide = CutGuide(lambda prompt: None if prompt.endswith((" O", " B")) else upper if prompt.endswith(" b") else lower)
     table = {" a": (" b", HIGH), " A": (" B", HIGH)} if ready_at_B else {" a": (" b", HIGH)}
     texts = {}
