@@ -134,8 +134,9 @@ def main() -> None:
                 stack.callback(model.close)
         for request in requests:
             ours = pairs["towline"]
-            result, our_cost = measure(servers, ours, lambda: nudge(
-                base=ours["base"], guide=ours["guide"], request=request, guide_template="chatml", **options))
+            answer = functools.partial(nudge, base=ours["base"], guide=ours["guide"], request=request,
+                                       guide_template="chatml", **options)
+            result, our_cost = measure(servers, ours, answer)
             theirs = pairs["transcription"]
             end_of_turn = build_prompt(request, chat=True, template="chatml").end_of_turn
             base = theirs["base"]
@@ -151,9 +152,7 @@ def main() -> None:
             if not same:
                 raise SystemExit(f"the implementations differ on {request.question!r}:\n"
                                  f"towline: {result.rounds}\ntranscription: {spec.rounds}")
-            adaptive, adaptive_cost = measure(servers, ours, lambda: nudge(
-                base=ours["base"], guide=ours["guide"], request=request, guide_template="chatml",
-                adapt_proposals=True, **options))
+            adaptive, adaptive_cost = measure(servers, ours, functools.partial(answer, adapt_proposals=True))
             adaptive_same_texts.append(adaptive.text == result.text)
             answers.append({"rounds": len(result.rounds), "tokens": result.tokens, "stop_reason": result.stop_reason,
                             "towline": our_cost, "transcription": their_cost, "adaptive": adaptive_cost})

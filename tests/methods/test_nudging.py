@@ -119,6 +119,11 @@ def sentence(words: Sequence[str], *, prob: float = 0.9, then_end: bool = True):
     return rule
 
 
+def guide_steps(tokens: Sequence[str]) -> list[Step]:
+    """The scripted guides' steps: each token sure at probability 0.9."""
+    return [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
+
+
 class ScriptedGuide(Scripted):
     """A guide that proposes the given texts, one per call, then ends its answer with
     ``final`` (its last text before its end of text)."""
@@ -137,7 +142,7 @@ class ScriptedGuide(Scripted):
         ended = len(self.seen) > len(self.proposals)
         tokens = word_tokens(self.final if ended else self.proposals[len(self.seen) - 1])
         assert len(tokens) <= max_tokens, "scripted proposal longer than guide_chunk"
-        steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
+        steps = guide_steps(tokens)
         return [Completion("".join(tokens), steps, "end" if ended else "length")]
 
     def stream(self, prompt, *, max_tokens, sampling=GREEDY, top_logprobs=1, lookup=()):
@@ -513,7 +518,7 @@ class CutGuide(ScriptedGuide):
         if text is None:
             return [Completion("", [], "end")]
         tokens = word_tokens(text)[:max_tokens]
-        steps = [Step(Token(t, math.log(0.9)), (Token(t, math.log(0.9)),)) for t in tokens]
+        steps = guide_steps(tokens)
         return [Completion("".join(tokens), steps, "length")]
 
 
